@@ -1,0 +1,183 @@
+"""The Llama-family decoder (Llama 2/3/3.1, Mistral, SmolLM/SmolLM2, Qwen2/2.5, Qwen3) as a Flax NNX module.
+
+Two forwards share one layer body:
+
+* ``__call__`` — serving: a flat, ragged batch of tokens ``[T]`` (positions and owning sequence per
+  token in :class:`AttentionMetadata`) reading and writing the paged KV cache, returning logits only
+  at ``logits_indices`` (usually the last token of each sequence).
+* ``forward_dense`` — a plain causal forward over ``[B, S]`` with no cache, for tests.
+
+Decoder layers are stacked on a leading axis and scanned (compile time independent of depth); the KV
+cache rides in the scan carry and each layer scatters into / reads from its slice in place.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model_zoo.attention import AttentionMetadata, paged_attention_xla, write_kv
+from model_zoo.config import ModelConfig, rope_inv_freq
+from model_zoo.params import param_specs
+
+AttentionFn = Callable[..., jax.Array]
+
+
+class DecoderLayers(nnx.Module):
+    """Holds the stacked per-layer weights (leading axis = layer)."""
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, config: ModelConfig, params: dict[str, jax.Array], *,
+                 attention_fn: AttentionFn = paged_attention_xla):
+        specs = param_specs(config)
+        missing = sorted(set(specs) - set(params))
+        extra = sorted(set(params) - set(specs))
+        if missing or extra:
+            raise ValueError(f"parameter tree does not match {config.architecture}: "
+                             f"missing {missing}, unexpected {extra}")
+        self.config = config
+        self.attention_fn = attention_fn
+        self.layers = DecoderLayers()
+        for name, (shape, axes) in specs.items():
+            value = params[name]
+            if tuple(value.shape) != shape:
+                raise ValueError(f"parameter {name!r} has shape {tuple(value.shape)}, expected {shape}")
+            param = nnx.Param(value, logical_axes=axes)
+            if name.startswith("layers/"):
+                setattr(self.layers, name.split("/", 1)[1], param)
+            else:
+                setattr(self, name, param)
+        inv_freq, mscale = rope_inv_freq(config)
+        self._inv_freq = inv_freq.astype(np.float32)   # static constant, not a parameter
+        self._rope_mscale = mscale
+
+    # ---------------------------------------------------------------- pieces
+    @property
+    def dtype(self):
+        return self.embed.value.dtype
+
+    def _rms(self, x, w):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return (w.astype(jnp.float32) * xf).astype(x.dtype)
+
+    def _rope(self, x, positions):
+        """x: [T, heads, D] rotated by absolute positions [T] (half-split layout, as transformers)."""
+        freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(self._inv_freq)[None, :]
+        cos = (jnp.cos(freqs) * self._rope_mscale)[:, None, :]
+        sin = (jnp.sin(freqs) * self._rope_mscale)[:, None, :]
+        xf = x.astype(jnp.float32)
+        x1, x2 = jnp.split(xf, 2, axis=-1)
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return out.astype(x.dtype)
+
+    def _layer(self, h, p, positions, attend):
+        """One decoder layer on flat tokens h: [T, E]. ``attend(q, k, v) -> [T, H, D]``."""
+        c = self.config
+        t = h.shape[0]
+        x = self._rms(h, p["attn_norm"])
+        q = x @ p["wq"]
+        k = x @ p["wk"]
+        v = x @ p["wv"]
+        if c.attention_bias:
+            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+        q = q.reshape(t, c.num_heads, c.head_dim)
+        k = k.reshape(t, c.num_kv_heads, c.head_dim)
+        v = v.reshape(t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self._rms(q, p["q_norm"]), self._rms(k, p["k_norm"])
+        q, k = self._rope(q, positions), self._rope(k, positions)
+        o = attend(q, k, v)
+        h = h + o.reshape(t, c.num_heads * c.head_dim) @ p["wo"]
+        x = self._rms(h, p["mlp_norm"])
+        mlp = (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
+        return h + mlp
+
+    def _layer_params(self):
+        return {name: var.value for name, var in vars(self.layers).items()
+                if isinstance(var, nnx.Param)}
+
+    def _logits(self, h):
+        h = self._rms(h, self.final_norm.value)
+        if self.config.tie_word_embeddings:
+            logits = h @ self.embed.value.T
+        else:
+            logits = h @ self.lm_head.value
+        return logits.astype(jnp.float32)
+
+    # ---------------------------------------------------------------- forwards
+    def __call__(self, tokens, kv_cache, md: AttentionMetadata, logits_indices):
+        """Serving forward.
+
+        tokens: [T] int32; kv_cache: (k_cache, v_cache) each [L, Hkv, P, page, D];
+        logits_indices: [S] int32 rows of the flat batch whose logits are returned.
+        Returns (logits [S, V] float32, new kv_cache).
+        """
+        c = self.config
+        scale = c.head_dim ** -0.5
+        h = jnp.take(self.embed.value, tokens, axis=0)
+
+        def body(carry, xs):
+            h, k_cache, v_cache = carry
+            p, layer = xs
+            cache = {}
+
+            def attend(q, k, v):
+                kc, vc = write_kv(k_cache, v_cache, layer, k, v, md.slot_mapping)
+                cache["kv"] = (kc, vc)
+                return self.attention_fn(q, kc, vc, layer, md, scale=scale,
+                                         sliding_window=c.sliding_window)
+
+            h = self._layer(h, p, md.positions, attend)
+            kc, vc = cache["kv"]
+            return (h, kc, vc), None
+
+        k_cache, v_cache = kv_cache
+        layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+        (h, k_cache, v_cache), _ = jax.lax.scan(
+            body, (h, k_cache, v_cache), (self._layer_params(), layer_ids))
+        return self._logits(h[logits_indices]), (k_cache, v_cache)
+
+    def forward_dense(self, tokens):
+        """Plain causal forward, no cache. tokens: [B, S] -> logits [B, S, V] (right padding is harmless)."""
+        c = self.config
+        b, s = tokens.shape
+        scale = c.head_dim ** -0.5
+        positions = jnp.tile(jnp.arange(s, dtype=jnp.int32), b)
+        h = jnp.take(self.embed.value, tokens.reshape(-1), axis=0)
+        causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+        if c.sliding_window is not None:
+            causal &= ~jnp.tril(jnp.ones((s, s), dtype=bool), -c.sliding_window)
+        g = c.num_query_groups
+
+        def attend(q, k, v):
+            q = q.reshape(b, s, c.num_kv_heads, g, c.head_dim).astype(jnp.float32)
+            k = k.reshape(b, s, c.num_kv_heads, c.head_dim).astype(jnp.float32)
+            v = v.reshape(b, s, c.num_kv_heads, c.head_dim).astype(jnp.float32)
+            sc = jnp.einsum("bqkgd,bckd->bkgqc", q, k) * scale
+            sc = jnp.where(causal[None, None, None], sc, -jnp.inf)
+            o = jnp.einsum("bkgqc,bckd->bqkgd", jax.nn.softmax(sc, axis=-1), v)
+            return o.reshape(b * s, c.num_heads, c.head_dim).astype(h.dtype)
+
+        def body(h, p):
+            return self._layer(h, p, positions, attend), None
+
+        h, _ = jax.lax.scan(body, h, self._layer_params())
+        return self._logits(h).reshape(b, s, -1)
+
+
+def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None):
+    """Zeroed (k_cache, v_cache), each [L, Hkv, num_pages, page_size, D]."""
+    shape = (config.num_layers, config.num_kv_heads, num_pages, page_size, config.head_dim)
+
+    def make():
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    if sharding is None:
+        return jax.jit(make)()
+    return jax.jit(make, out_shardings=(sharding, sharding))()
