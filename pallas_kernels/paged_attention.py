@@ -1,0 +1,256 @@
+"""Public entry for Pallas paged attention: validation, tuning defaults and decode/prefill dispatch.
+
+``paged_attention`` has the call signature of ``model_zoo.attention.paged_attention_xla`` plus
+keyword-only static options, so the model switches backends by swapping the function:
+
+    out = paged_attention(q, k_cache, v_cache, layer, md, scale=d ** -0.5,
+                          soft_cap=None, sliding_window=None, max_query_len=1)
+
+``max_query_len`` is a static hint from the runner (it knows each bucket): ``1`` promises every
+sequence contributes at most one query token this step and selects the decode kernel (one program
+per token x kv head x key split, the key range split so a single long sequence still fills the GPU);
+anything else (or ``None``) selects the ragged prefill kernel (query blocks of one sequence each,
+causal masking), which is correct for decode too, just slower there. The decode kernel treats every
+token independently, so a wrong hint costs speed, never correctness.
+
+Which lowering runs: the portable Triton-lowered kernels in ``triton_attention.py`` on every CUDA
+GPU (and in interpret mode on CPU, ``interpret=True``). On Hopper, ``implementation="mosaic"`` asks
+for the Mosaic GPU decode kernel where one is available (see ``mosaic_attention.py``); ``"auto"``
+(the default) uses Triton everywhere until the Mosaic kernel beats it in ``benchmarks/kernels.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import triton_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTuning:
+    pages_per_block: int      # pages gathered per inner step (block_k = pages * page_size keys)
+    target_programs: int      # split the key range until token x kv_head x split reaches this
+    min_pages_per_split: int  # ...but never below this many pages per split (partials cost bytes)
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillTuning:
+    block_q: int              # query tokens per program (rows = block_q x padded group)
+    pages_per_block: int
+    num_warps: int
+    num_stages: int
+
+
+# Tuned per GPU with benchmarks/kernels.py; the key is a substring of jax.Device.device_kind.
+# Measurements justifying each entry are in the comment beside it; "default" is the fallback.
+_DECODE_TUNING = {
+    "default": DecodeTuning(pages_per_block=8, target_programs=528, min_pages_per_split=16,
+                            num_warps=4, num_stages=2),
+}
+_PREFILL_TUNING = {
+    "default": PrefillTuning(block_q=64, pages_per_block=4, num_warps=4, num_stages=2),
+}
+# Small enough for the CPU interpreter: fewer, smaller blocks keep the tests fast.
+_INTERPRET_DECODE = DecodeTuning(pages_per_block=2, target_programs=1, min_pages_per_split=1,
+                                 num_warps=4, num_stages=1)
+_INTERPRET_PREFILL = PrefillTuning(block_q=8, pages_per_block=2, num_warps=4, num_stages=1)
+
+
+def _lookup(table, device_kind: str):
+    for key, value in table.items():
+        if key != "default" and key.lower() in device_kind.lower():
+            return value
+    return table["default"]
+
+
+def _device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _validate(q, k_cache, v_cache, layer, md, soft_cap, sliding_window, max_query_len):
+    if q.ndim != 3:
+        raise ValueError(f"q must be [tokens, heads, head_dim], got shape {q.shape}")
+    if k_cache.ndim != 5 or k_cache.shape != v_cache.shape:
+        raise ValueError("k_cache and v_cache must both be [layers, kv_heads, pages, page_size, "
+                         f"head_dim] with equal shapes, got {k_cache.shape} and {v_cache.shape}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache and v_cache dtypes differ: {k_cache.dtype} vs {v_cache.dtype}")
+    t, h, d = q.shape
+    _, hkv, _, page_size, dk = k_cache.shape
+    if dk != d:
+        raise ValueError(f"head_dim of q ({d}) and of the cache ({dk}) differ")
+    if h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({hkv})")
+    if not _is_pow2(d) or d < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16 for the Pallas kernels, got {d}; "
+                         "use attention_backend='xla'")
+    if not _is_pow2(page_size):
+        raise ValueError(f"page_size must be a power of two for the Pallas kernels, got {page_size}")
+    if jnp.shape(layer) != () or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+        raise ValueError(f"layer must be an integer scalar, got {layer!r}")
+    for name, arr, shape in (("positions", md.positions, (t,)),
+                             ("token_seq_ids", md.token_seq_ids, (t,))):
+        if arr.shape != shape:
+            raise ValueError(f"md.{name} must have shape {shape}, got {arr.shape}")
+    s = md.seq_lens.shape[0]
+    if md.block_tables.ndim != 2 or md.block_tables.shape[0] != s:
+        raise ValueError(f"md.block_tables must be [{s}, max_pages], got {md.block_tables.shape}")
+    if md.query_start_loc.shape != (s + 1,):
+        raise ValueError(f"md.query_start_loc must have shape {(s + 1,)}, "
+                         f"got {md.query_start_loc.shape}")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap must be positive or None, got {soft_cap}")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window}")
+    if max_query_len is not None and (not isinstance(max_query_len, int) or max_query_len < 1):
+        raise ValueError(f"max_query_len must be a positive int or None, got {max_query_len}")
+
+
+def _group(q, hkv, padded_group):
+    """[T, H, D] -> [T, Hkv, Gp, D], zero query rows appended to each group."""
+    t, h, d = q.shape
+    g = h // hkv
+    qg = q.reshape(t, hkv, g, d)
+    if padded_group > g:
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, padded_group - g), (0, 0)))
+    return qg
+
+
+def _decode(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_window, tuning,
+            num_splits, interpret):
+    t, h, d = q.shape
+    hkv = k_cache.shape[1]
+    g = h // hkv
+    padded_group = max(16, _next_pow2(g))
+    max_pages = md.block_tables.shape[1]
+    ppb = tuning.pages_per_block
+    if num_splits is None:
+        want = -(-tuning.target_programs // max(1, t * hkv))
+        most = max(1, max_pages // max(tuning.min_pages_per_split, ppb))
+        num_splits = max(1, min(want, most))
+    pages_per_split = -(-max_pages // num_splits)
+    token_tables = md.block_tables[md.token_seq_ids]                   # [T, max_pages]
+    # Zero (null page) padding: every split owns pages_per_split entries and the last inner
+    # block may read up to pages_per_block entries past the end; masked keys are never used.
+    pad = num_splits * pages_per_split + ppb - max_pages
+    token_tables = jnp.pad(token_tables, ((0, 0), (0, pad)))
+    out = triton_attention.decode_pallas_call(
+        _group(q, hkv, padded_group), k_cache, v_cache, layer_arr,
+        (md.positions + 1).astype(jnp.int32), token_tables.astype(jnp.int32),
+        scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, pages_per_block=ppb,
+        num_splits=num_splits, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+        interpret=interpret)
+    return out[:, :, :g].reshape(t, h, d)
+
+
+def _prefill_items(md, num_tokens, block_q, sliding_window):
+    """Split each sequence's query tokens into blocks of <= block_q: rows (q_lo, q_hi, kv_lo, kv_hi).
+
+    The static item count N = cdiv(T, block_q) + S bounds sum_s cdiv(q_len_s, block_q); unused
+    items are empty (q_lo == q_hi, kv_lo == kv_hi) and write nothing.
+    """
+    qsl = md.query_start_loc.astype(jnp.int32)
+    s = qsl.shape[0] - 1
+    q_len = qsl[1:] - qsl[:-1]
+    blocks = (q_len + block_q - 1) // block_q
+    ends = jnp.cumsum(blocks)
+    starts = ends - blocks
+    n = -(-num_tokens // block_q) + s
+    item = jnp.arange(n, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(ends, item, side="right"), s - 1).astype(jnp.int32)
+    valid = item < ends[-1]
+    q_lo = qsl[seq] + (item - starts[seq]) * block_q
+    q_hi = jnp.minimum(q_lo + block_q, qsl[seq + 1])
+    valid &= q_hi > q_lo
+    last = jnp.clip(q_hi - 1, 0, num_tokens - 1)
+    first = jnp.clip(q_lo, 0, num_tokens - 1)
+    kv_hi = md.positions[last] + 1
+    kv_lo = jnp.zeros_like(kv_hi)
+    if sliding_window is not None:
+        kv_lo = jnp.maximum(0, md.positions[first] - sliding_window + 1)
+    zero = jnp.zeros_like(q_lo)
+    items = jnp.stack([jnp.where(valid, q_lo, zero), jnp.where(valid, q_hi, zero),
+                       jnp.where(valid, kv_lo, zero), jnp.where(valid, kv_hi, zero)], axis=1)
+    return items.astype(jnp.int32), seq
+
+
+def _prefill(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_window, tuning,
+             interpret):
+    t, h, d = q.shape
+    hkv = k_cache.shape[1]
+    g = h // hkv
+    bq = tuning.block_q
+    padded_group = _next_pow2(g)
+    if bq * padded_group < 16:
+        bq = 16 // padded_group                                 # Triton's dot needs >= 16 rows
+    ppb = tuning.pages_per_block
+    items, seq = _prefill_items(md, t, bq, sliding_window)
+    tables = jnp.pad(md.block_tables[seq], ((0, 0), (0, ppb))).astype(jnp.int32)
+    qg = jnp.pad(_group(q, hkv, padded_group), ((0, bq), (0, 0), (0, 0), (0, 0)))
+    positions = jnp.pad(md.positions.astype(jnp.int32), (0, bq))
+    out = triton_attention.prefill_pallas_call(
+        qg, k_cache, v_cache, layer_arr, items, tables, positions,
+        scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, pages_per_block=ppb,
+        block_q=bq, num_warps=tuning.num_warps, num_stages=tuning.num_stages, interpret=interpret)
+    return out[:t, :, :g].reshape(t, h, d)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "soft_cap", "sliding_window", "max_query_len", "implementation", "interpret",
+    "pages_per_block", "num_splits", "block_q", "num_warps", "num_stages"))
+def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
+                    soft_cap: float | None = None, sliding_window: int | None = None,
+                    max_query_len: int | None = None, implementation: str = "auto",
+                    interpret: bool = False, pages_per_block: int | None = None,
+                    num_splits: int | None = None, block_q: int | None = None,
+                    num_warps: int | None = None, num_stages: int | None = None):
+    """Ragged paged attention, q [T, H, D] -> [T, H, D]; same semantics as ``paged_attention_xla``.
+
+    Static keywords: ``max_query_len`` (1 = decode-only batch -> decode kernel), ``implementation``
+    ("auto", "triton" or "mosaic"), ``interpret`` (CPU interpret mode, for tests), and tuning
+    overrides (``pages_per_block``, ``num_splits`` for decode, ``block_q`` for prefill,
+    ``num_warps``, ``num_stages``); ``None`` takes the per-GPU table in this module.
+    """
+    _validate(q, k_cache, v_cache, layer, md, soft_cap, sliding_window, max_query_len)
+    if implementation not in ("auto", "triton", "mosaic"):
+        raise ValueError(f"implementation must be 'auto', 'triton' or 'mosaic', got {implementation!r}")
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    decode = max_query_len == 1
+    if implementation == "mosaic":
+        if not decode:
+            raise ValueError("the Mosaic GPU kernel covers decode only (max_query_len=1)")
+        from pallas_kernels import mosaic_attention  # imported lazily: needs a Hopper GPU
+        return mosaic_attention.decode(q, k_cache, v_cache, layer_arr, md, scale=scale,
+                                       soft_cap=soft_cap, sliding_window=sliding_window,
+                                       pages_per_block=pages_per_block, num_splits=num_splits)
+    kind = "interpret" if interpret else _device_kind()
+    if decode:
+        tuning = _INTERPRET_DECODE if interpret else _lookup(_DECODE_TUNING, kind)
+        tuning = dataclasses.replace(
+            tuning, **{k: v for k, v in (("pages_per_block", pages_per_block),
+                                         ("num_warps", num_warps), ("num_stages", num_stages))
+                       if v is not None})
+        return _decode(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
+                       sliding_window=sliding_window, tuning=tuning, num_splits=num_splits,
+                       interpret=interpret)
+    tuning = _INTERPRET_PREFILL if interpret else _lookup(_PREFILL_TUNING, kind)
+    tuning = dataclasses.replace(
+        tuning, **{k: v for k, v in (("pages_per_block", pages_per_block), ("block_q", block_q),
+                                     ("num_warps", num_warps), ("num_stages", num_stages))
+                   if v is not None})
+    return _prefill(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
+                    sliding_window=sliding_window, tuning=tuning, interpret=interpret)
