@@ -1,0 +1,115 @@
+"""Put one parameter at a time on the device(s), from a host reader, with progress and timing.
+
+A loader describes each parameter by a `read(index) -> np.ndarray` function that returns the block
+of the parameter selected by `index` (a tuple of slices, one per dimension), already in the target
+dtype. `jax.make_array_from_callback` asks for exactly the blocks each device's shard needs, so a
+host never holds more than one parameter's worth (usually one shard's worth) of weights at a time,
+and the arrays land in their final sharding without a second copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+
+logger = logging.getLogger("jaxllm")
+
+ShardingFor = Callable[[str, tuple, tuple], "jax.sharding.Sharding | None"]
+Reader = Callable[[tuple], np.ndarray]
+
+
+def sharding_of(name: str, shape: tuple, axes: tuple, sharding_for: ShardingFor | None):
+    sharding = sharding_for(name, shape, axes) if sharding_for is not None else None
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return sharding
+
+
+def _index_key(index: tuple) -> tuple:
+    return tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
+
+
+def place_param(name: str, shape: tuple, axes: tuple, dtype, read: Reader,
+                sharding_for: ShardingFor | None) -> jax.Array:
+    sharding = sharding_of(name, shape, axes, sharding_for)
+    # Replicated dimensions make several devices ask for the same block; read it once.
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def callback(index):
+        key = _index_key(index)
+        if key not in blocks:
+            block = read(index)
+            if block.dtype != dtype:
+                raise AssertionError(f"reader for {name} returned {block.dtype}, wanted {dtype}")
+            blocks[key] = block
+        return blocks[key]
+
+    arr = jax.make_array_from_callback(tuple(shape), sharding, callback)
+    # Wait for the transfer so this parameter's host blocks can be freed before the next is read:
+    # this is what bounds host memory to one parameter.
+    arr.block_until_ready()
+    blocks.clear()
+    return arr
+
+
+class LoadTimer:
+    """tqdm bar over bytes plus the final `loaded ... GB/s` log line."""
+
+    def __init__(self, source: str, total_bytes: int, progress: bool, desc: str = "Loading weights"):
+        self.source = source
+        self.total = int(total_bytes)
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc=desc, leave=False)
+
+    def update(self, nbytes: int):
+        self.done += int(nbytes)
+        if self.bar is not None:
+            self.bar.update(int(nbytes))
+
+    def finish(self, what: str = "weights") -> float:
+        seconds = time.perf_counter() - self.t0
+        if self.bar is not None:
+            self.bar.close()
+        gbps = self.done / seconds / 1e9 if seconds > 0 else float("inf")
+        logger.info("Loaded %s from %s: %.3f GB in %.2f s (%.2f GB/s)",
+                    what, self.source, self.done / 1e9, seconds, gbps)
+        return seconds
+
+
+def place_all(specs: Mapping[str, tuple[tuple, tuple]], readers: Mapping[str, Reader], dtype,
+              *, sharding_for: ShardingFor | None, progress: bool, source: str,
+              order: Iterable[str] | None = None) -> dict[str, jax.Array]:
+    """Place every parameter of `specs` using its reader; returns name -> jax.Array."""
+    np_dtype = np.dtype(dtype)
+    total = sum(int(np.prod(shape)) * np_dtype.itemsize for shape, _ in specs.values())
+    timer = LoadTimer(source, total, progress)
+    out: dict[str, jax.Array] = {}
+    try:
+        for name in (order or specs):
+            shape, axes = specs[name]
+            reader = readers[name]
+            arr = place_param(name, shape, axes, np_dtype, reader, sharding_for)
+            # Readers that stage a whole parameter on the host drop it now that it is placed.
+            release = getattr(reader, "release", None)
+            if release is not None:
+                release()
+            out[name] = arr
+            timer.update(arr.nbytes)
+    finally:
+        if timer.bar is not None and timer.done < timer.total:
+            timer.bar.close()
+    timer.finish()
+    return {name: out[name] for name in specs}
+
+
+def full_index(shape: tuple) -> tuple:
+    return tuple(slice(0, n) for n in shape)
