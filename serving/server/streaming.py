@@ -1,0 +1,106 @@
+"""Consume engine streams for one HTTP request: merge several prompts, stop when the client leaves.
+
+One HTTP request may carry several prompts (a completions `prompt` list); each is one engine request
+whose `generate()` stream yields cumulative RequestOutputs. :func:`merged_outputs` runs one pump task
+per stream plus a watcher on the ASGI `receive` channel; whichever side ends first wins:
+
+    pump_0 ─┐
+    pump_1 ─┼─> queue ─> caller           watcher (http.disconnect) ─> cancel pumps, abort requests
+    ...    ─┘
+
+Cancelling a pump raises CancelledError inside the engine's generator, which is the engine's
+signal to abort the request and free its pages; `engine.abort` is called as well so a request that
+was still queued is dropped even if its generator never started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
+
+from starlette.requests import Request
+
+from serving.outputs import RequestOutput
+
+_END = object()
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the response was complete."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # After FastAPI has read the body, the next ASGI message on this connection is http.disconnect
+    # (uvicorn sends it when the socket closes or once the response is complete).
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def merged_outputs(engine, jobs: Sequence[tuple[str, Callable[[], AsyncIterator[RequestOutput]]]],
+                         request: Optional[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Yield `(job_index, output)` from all jobs' streams as they arrive.
+
+    `jobs` are `(engine_request_id, start)` pairs, `start()` returning the engine's generate stream.
+    Raises the first exception a stream raises, or ClientDisconnected; either way every stream that
+    has not finished is cancelled and aborted before this generator ends.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    finished: set[int] = set()
+
+    async def pump(index: int, start) -> None:
+        stream = start()
+        try:
+            async for output in stream:
+                queue.put_nowait((index, output))
+            queue.put_nowait((index, _END))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            queue.put_nowait((index, exc))
+        finally:
+            await stream.aclose()
+
+    async def watch() -> None:
+        await _wait_for_disconnect(request)
+        queue.put_nowait((-1, ClientDisconnected()))
+
+    tasks = [asyncio.create_task(pump(i, start)) for i, (_, start) in enumerate(jobs)]
+    watcher = asyncio.create_task(watch()) if request is not None else None
+    try:
+        while len(finished) < len(jobs):
+            index, item = await queue.get()
+            if item is _END:
+                finished.add(index)
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                if item.finished:
+                    finished.add(index)
+                yield index, item
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        for index, (request_id, _) in enumerate(jobs):
+            if index not in finished:
+                try:
+                    await engine.abort(request_id)
+                except Exception:  # the request may already be gone; nothing left to free
+                    pass
+
+
+def sse(data: Any, event: Optional[str] = None) -> str:
+    """One server-sent event: `data: <json>` (optionally preceded by `event: <name>`)."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
