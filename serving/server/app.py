@@ -57,6 +57,16 @@ async def _log_stats(engine, interval: float) -> None:
         last, last_t = stats, now
 
 
+async def _watch_engine(app: FastAPI, engine, interval: float = 0.5) -> None:
+    """Once the engine's device loop dies, ask the server to stop (the CLI then exits non-zero)."""
+    while not getattr(engine, "is_dead", False):
+        await asyncio.sleep(interval)
+    logger.error("the engine has died; shutting the server down")
+    request_shutdown = getattr(app.state, "request_shutdown", None)
+    if request_shutdown is not None:
+        request_shutdown()
+
+
 def build_app(engine, args: ServerArgs = ServerArgs()) -> FastAPI:
     state = prep.ServingState.from_engine(engine, args)
     metrics = ServerMetrics(engine, state.model_name)
@@ -65,14 +75,14 @@ def build_app(engine, args: ServerArgs = ServerArgs()) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        stats_task = None
+        tasks = [asyncio.create_task(_watch_engine(app, engine))]
         if not args.disable_log_stats:
-            stats_task = asyncio.create_task(_log_stats(engine, STATS_LOG_INTERVAL_S))
+            tasks.append(asyncio.create_task(_log_stats(engine, STATS_LOG_INTERVAL_S)))
         try:
             yield
         finally:
-            if stats_task is not None:
-                stats_task.cancel()
+            for task in tasks:
+                task.cancel()
             await engine.shutdown()
 
     docs = {} if not args.disable_fastapi_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}

@@ -15,6 +15,7 @@ class ServerArgs:
     host: str = "0.0.0.0"
     port: int = 8000
     api_key: Optional[str] = None                # also JAXLLM_API_KEY; None: no authentication
+    served_model_names: tuple[str, ...] = ()     # names clients may use; () -> the engine's served name
     allowed_origins: tuple[str, ...] = ("*",)
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
@@ -51,7 +52,7 @@ class ServerArgs:
             raise ValueError(f"root_path must start with '/' and not end with one; got {self.root_path!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
-        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers", "served_model_names"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @classmethod

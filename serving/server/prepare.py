@@ -51,8 +51,7 @@ class ServingState:
     @classmethod
     def from_engine(cls, engine, args: ServerArgs, metrics=None) -> "ServingState":
         engine_args = engine.engine_args
-        served = engine_args.served_model_name or engine.model_name
-        names = tuple(n for n in (served.split(",") if isinstance(served, str) else served) if n)
+        names = tuple(args.served_model_names) or (engine_args.served_model_name or engine.model_name,)
         vocab = getattr(getattr(engine, "model_config", None), "vocab_size", None) or engine.tokenizer.vocab_size
         return cls(engine=engine, args=args, served_names=names, max_model_len=int(engine.max_model_len),
                    vocab_size=int(vocab), max_logprobs=int(engine_args.max_logprobs),
