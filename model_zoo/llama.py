@@ -59,7 +59,7 @@ class LlamaForCausalLM(nnx.Module):
     # ---------------------------------------------------------------- pieces
     @property
     def dtype(self):
-        return self.embed.value.dtype
+        return self.embed[...].dtype
 
     def _rms(self, x, w):
         xf = x.astype(jnp.float32)
@@ -99,15 +99,15 @@ class LlamaForCausalLM(nnx.Module):
         return h + mlp
 
     def _layer_params(self):
-        return {name: var.value for name, var in vars(self.layers).items()
+        return {name: var[...] for name, var in vars(self.layers).items()
                 if isinstance(var, nnx.Param)}
 
     def _logits(self, h):
-        h = self._rms(h, self.final_norm.value)
+        h = self._rms(h, self.final_norm[...])
         if self.config.tie_word_embeddings:
-            logits = h @ self.embed.value.T
+            logits = h @ self.embed[...].T
         else:
-            logits = h @ self.lm_head.value
+            logits = h @ self.lm_head[...]
         return logits.astype(jnp.float32)
 
     # ---------------------------------------------------------------- forwards
@@ -120,7 +120,7 @@ class LlamaForCausalLM(nnx.Module):
         """
         c = self.config
         scale = c.head_dim ** -0.5
-        h = jnp.take(self.embed.value, tokens, axis=0)
+        h = jnp.take(self.embed[...], tokens, axis=0)
 
         def body(carry, xs):
             h, k_cache, v_cache = carry
@@ -149,7 +149,7 @@ class LlamaForCausalLM(nnx.Module):
         b, s = tokens.shape
         scale = c.head_dim ** -0.5
         positions = jnp.tile(jnp.arange(s, dtype=jnp.int32), b)
-        h = jnp.take(self.embed.value, tokens.reshape(-1), axis=0)
+        h = jnp.take(self.embed[...], tokens.reshape(-1), axis=0)
         causal = jnp.tril(jnp.ones((s, s), dtype=bool))
         if c.sliding_window is not None:
             causal &= ~jnp.tril(jnp.ones((s, s), dtype=bool), -c.sliding_window)
