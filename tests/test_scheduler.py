@@ -525,3 +525,27 @@ def test_min_tokens_suppresses_the_eos_check_in_the_scheduler(make):
     later = [i for i, t in enumerate(free_run) if t == eos and i + 1 >= min_tokens]
     assert res["m"] == ((free_run[:later[0] + 1], "stop") if later else (free_run, "length"))
     assert len(res["m"][0]) >= min_tokens
+
+
+def test_no_preemption_of_a_victim_whose_unwritten_page_is_already_shared(make):
+    """low fills its page 1 in step 2; w1, admitted later in the same step, hits that page. Taking
+    low back for w2 would leave w1 reading KV that is never written, so w2 must wait instead."""
+    sched, runner = make(num_pages=4, page_size=4, max_model_len=12, long_prefill_token_threshold=4,
+                         scheduling_policy="priority")
+    low_prompt, w2_prompt = prompts_of([10, 3], seed=15)
+    w1_prompt = low_prompt[:8] + [1]
+    low = req("low", low_prompt, SamplingParams(max_tokens=2), priority=1, arrival_time=0.0)
+    sched.add_request(low)
+    p1 = sched.schedule()
+    sched.update(p1, runner.run(p1))
+    sched.add_request(req("w1", w1_prompt, SamplingParams(max_tokens=1), priority=0, arrival_time=1.0))
+    sched.add_request(req("w2", w2_prompt, SamplingParams(max_tokens=2), priority=0, arrival_time=2.0))
+    p2 = sched.schedule()
+    assert dict(p2.num_scheduled_tokens) == {"low": 4, "w1": 1}
+    assert p2.new_requests[0].page_ids[:2] == tuple(sched.kv.get_page_ids("low")[:2])
+    assert low.num_preemptions == 0
+    first = {o.req_id: (list(o.new_token_ids), o.finish_reason) for o in sched.update(p2, runner.run(p2))}
+    assert first["w1"] == expected(w1_prompt, SamplingParams(max_tokens=1), max_model_len=12)
+    res = {rid: collect(o) for rid, o in drive(sched, runner).items()}
+    assert res["low"] == expected(low_prompt, SamplingParams(max_tokens=2), max_model_len=12)
+    assert res["w2"] == expected(w2_prompt, SamplingParams(max_tokens=2), max_model_len=12)
