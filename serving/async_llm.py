@@ -1,0 +1,119 @@
+"""The asyncio face of the engine, for the HTTP layer.
+
+A dedicated thread runs ``engine.step()`` in a loop (the device loop runs off the event loop);
+outputs are handed to each request's asyncio queue with ``call_soon_threadsafe``. ``generate`` is an
+async iterator of cumulative RequestOutputs; leaving it early (client gone, task cancelled) aborts
+the request, which frees its pages at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator, Optional
+
+from serving.config import EngineArgs
+from serving.engine import LLMEngine, PromptType, parse_prompt
+from serving.outputs import RequestOutput
+from serving.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxllm")
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.engine_args = engine.engine_args
+        self.max_model_len = engine.max_model_len
+        self.model_name = engine.model_name
+        self.default_sampling = dict(engine.default_sampling)
+        self.is_dead = False
+        self.dead_error: Optional[BaseException] = None
+        self._lock = threading.Lock()           # engine calls: step vs add/abort
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._run_loop, name="jaxllm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
+        return cls(LLMEngine.from_engine_args(args))
+
+    # ------------------------------------------------------------------ device loop
+    def _run_loop(self) -> None:
+        try:
+            while not self._stopping:
+                with self._lock:
+                    busy = self.engine.has_unfinished_requests()
+                    outputs = self.engine.step() if busy else []
+                if not busy:
+                    self._wakeup.wait(timeout=1.0)
+                    self._wakeup.clear()
+                    continue
+                for out in outputs:
+                    entry = self._queues.get(out.request_id)
+                    if entry is not None:
+                        loop, q = entry
+                        loop.call_soon_threadsafe(q.put_nowait, out)
+                    if out.finished:
+                        self._queues.pop(out.request_id, None)
+        except BaseException as e:  # noqa: BLE001 - any failure kills the engine, loudly
+            logger.exception("Engine loop died")
+            self.is_dead = True
+            self.dead_error = e
+            err = EngineDeadError(f"The engine failed: {type(e).__name__}: {e}")
+            for loop, q in list(self._queues.values()):
+                loop.call_soon_threadsafe(q.put_nowait, err)
+            self._queues.clear()
+
+    # ------------------------------------------------------------------ API
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str, *,
+                       priority: int = 0, cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+        if self.is_dead:
+            raise EngineDeadError("The engine is dead; restart the server.")
+        text, ids = parse_prompt(prompt, self.tokenizer, sampling_params, self.max_model_len)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self.engine.add_request(request_id, {"prompt": text, "prompt_token_ids": ids}, sampling_params,
+                                    priority=priority, cache_salt=cache_salt)
+            self._queues[request_id] = (loop, q)
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._queues.pop(request_id, None)
+            if not self.is_dead:
+                self.engine.abort_request(request_id)
+        self._wakeup.set()
+
+    def get_stats(self):
+        with self._lock:
+            return self.engine.stats
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)

@@ -1,0 +1,290 @@
+"""The synchronous engine: requests in, RequestOutputs out, one ``step()`` at a time.
+
+    plan    = scheduler.schedule()
+    result  = runner.run(plan)
+    outputs = scheduler.update(plan, result)
+
+around which this module does the per-request host work: n-way fan-out into child requests,
+incremental detokenizing, stop strings, logprob dicts, and cumulative RequestOutputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from typing import Iterable, Optional, Union
+
+from serving.config import EngineArgs
+from serving.detokenizer import IncrementalDetokenizer
+from serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from serving.plan import Logprobs
+from serving.request import Request
+from serving.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxllm")
+
+PromptType = Union[str, list[int], dict]
+
+
+@dataclasses.dataclass
+class EngineStats:
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    compilations: int = 0
+    bucket_padding_ratio: float = 0.0       # last step: padded tokens / real tokens
+    padded_tokens: int = 0                  # cumulative
+    scheduled_tokens: int = 0               # cumulative
+    num_steps: int = 0
+
+
+@dataclasses.dataclass
+class _Child:
+    req_id: str
+    index: int
+    detok: Optional[IncrementalDetokenizer]
+    output: CompletionOutput
+
+
+@dataclasses.dataclass
+class _Parent:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[_Child]
+    metrics: RequestMetrics
+    prompt_logprobs: Optional[list] = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(c.output.finish_reason is not None for c in self.children)
+
+
+def parse_prompt(prompt: PromptType, tokenizer, params: SamplingParams, max_model_len: int,
+                 *, add_special_tokens: bool = True) -> tuple[Optional[str], list[int]]:
+    """Text or {"prompt_token_ids": [...]} / {"prompt": str} -> (text, ids), truncated if asked."""
+    text = None
+    if isinstance(prompt, str):
+        text, ids = prompt, tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+    elif isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            ids = list(prompt["prompt_token_ids"])
+            text = prompt.get("prompt")
+        elif "prompt" in prompt:
+            text = prompt["prompt"]
+            ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        else:
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise ValueError(f"a prompt is a string, a list of token ids or a dict; got {type(prompt).__name__}")
+    k = params.truncate_prompt_tokens
+    if k is not None:
+        k = max_model_len if k == -1 else k
+        if len(ids) > k:
+            ids, text = ids[-k:], None
+    return text, ids
+
+
+class LLMEngine:
+    def __init__(self, *, engine_args: EngineArgs, model_config, tokenizer, scheduler, runner,
+                 max_model_len: int, eos_token_ids: tuple[int, ...], default_sampling: dict,
+                 model_name: str):
+        self.engine_args = engine_args
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.runner = runner
+        self.max_model_len = max_model_len
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.default_sampling = default_sampling
+        self.model_name = model_name
+        self.vocab_size = model_config.vocab_size
+        self._parents: dict[str, _Parent] = {}
+        self._child_to_parent: dict[str, _Parent] = {}
+        self._ids = itertools.count()
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, **overrides) -> "LLMEngine":
+        from serving.engine_builder import build_engine_parts
+
+        return cls(engine_args=args, **build_engine_parts(args), **overrides)
+
+    # ------------------------------------------------------------------ requests
+    def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Everything checkable before the request enters the engine; raises ValueError."""
+        params.verify(vocab_size=self.vocab_size, max_logprobs=self.engine_args.max_logprobs)
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("The prompt is empty: at least one token is needed.")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id(s) {bad[:8]} out of range [0, {self.vocab_size})")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"request has {n} input tokens, which leaves no room for output. Please reduce the length "
+                "of the input messages.")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"'max_tokens' is too large: {params.max_tokens}. This model's maximum context length is "
+                f"{self.max_model_len} tokens and your request has {n} input tokens "
+                f"({params.max_tokens} > {self.max_model_len} - {n}).")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, *,
+                    priority: int = 0, cache_salt: Optional[str] = None,
+                    arrival_time: Optional[float] = None) -> None:
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = parse_prompt(prompt, self.tokenizer, params, self.max_model_len)
+        self.validate_request(ids, params)
+        now = time.time() if arrival_time is None else arrival_time
+        n = params.n
+        children = []
+        for i in range(n):
+            child_params = params if n == 1 else params.for_sample(i)
+            child_id = request_id if n == 1 else f"{request_id}#{i}"
+            detok = None
+            if params.detokenize:
+                detok = IncrementalDetokenizer(
+                    self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens,
+                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+            out = CompletionOutput(index=i, text="", token_ids=[],
+                                   cumulative_logprob=0.0 if params.logprobs is not None else None,
+                                   logprobs=[] if params.logprobs is not None else None)
+            children.append((_Child(child_id, i, detok, out), child_params))
+        parent = _Parent(request_id, text, ids, params, [c for c, _ in children], RequestMetrics(now),
+                         prompt_logprobs=[] if params.prompt_logprobs is not None else None)
+        self._parents[request_id] = parent
+        for child, child_params in children:
+            self._child_to_parent[child.req_id] = parent
+            self.scheduler.add_request(Request(child.req_id, ids, child_params, priority=priority,
+                                               cache_salt=cache_salt, eos_token_ids=self.eos_token_ids))
+        self.stats.prompt_tokens += len(ids)
+
+    def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        child_ids = []
+        for rid in request_ids:
+            parent = self._parents.pop(rid, None)
+            if parent is None:
+                continue
+            for c in parent.children:
+                self._child_to_parent.pop(c.req_id, None)
+                if c.output.finish_reason is None:
+                    child_ids.append(c.req_id)
+        if child_ids:
+            self.scheduler.abort_requests(child_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents) or self.scheduler.has_unfinished_requests()
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        result = self.runner.run(plan)
+        core_outputs = self.scheduler.update(plan, result)
+        self._record_step_stats(plan)
+        return self._process_outputs(core_outputs)
+
+    def _record_step_stats(self, plan) -> None:
+        st = self.stats
+        sched = self.scheduler.get_stats()
+        st.num_requests_running = sched.num_running
+        st.num_requests_waiting = sched.num_waiting
+        st.kv_cache_usage = sched.kv_cache_usage
+        st.prefix_cache_queries = sched.prefix_cache_queries
+        st.prefix_cache_hits = sched.prefix_cache_hits
+        st.num_preemptions = sched.num_preemptions
+        from serving.compile_counter import compile_counter
+
+        st.compilations = compile_counter.count
+        last = self.runner.last_step
+        if last is not None and not plan.is_empty:
+            st.num_steps += 1
+            st.bucket_padding_ratio = last.padding_ratio
+            st.padded_tokens += last.padded_tokens
+            st.scheduled_tokens += last.num_tokens
+
+    def _logprob_dict(self, lp: Logprobs) -> dict[int, Logprob]:
+        dec = self.tokenizer.decode
+        d = {tid: Logprob(float(v), rank=r + 1, decoded_token=dec([tid], skip_special_tokens=False))
+             for r, (tid, v) in enumerate(zip(lp.top_ids, lp.top_logprobs))}
+        if lp.token_id not in d:
+            d = {lp.token_id: Logprob(lp.logprob, rank=lp.rank,
+                                      decoded_token=dec([lp.token_id], skip_special_tokens=False)), **d}
+        return d
+
+    def _process_outputs(self, core_outputs) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, _Parent] = {}
+        to_finish: list[tuple[str, str]] = []
+        for co in core_outputs:
+            parent = self._child_to_parent.get(co.req_id)
+            if parent is None:
+                continue   # aborted by the caller meanwhile
+            child = next(c for c in parent.children if c.req_id == co.req_id)
+            out = child.output
+            m = parent.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+            if co.num_cached_tokens:
+                parent.num_cached_tokens = max(parent.num_cached_tokens, co.num_cached_tokens)
+            if co.new_prompt_logprobs and parent.prompt_logprobs is not None and child.index == 0:
+                for lp in co.new_prompt_logprobs:
+                    parent.prompt_logprobs.append(None if lp is None else self._logprob_dict(lp))
+            if co.new_token_ids:
+                if m.first_token_time is None:
+                    m.first_token_time = now
+                m.last_token_time = now
+                self.stats.generation_tokens += len(co.new_token_ids)
+                out.token_ids.extend(co.new_token_ids)
+                for lp in co.new_logprobs:
+                    out.logprobs.append(self._logprob_dict(lp))
+                    out.cumulative_logprob += lp.logprob
+            if child.detok is not None and not child.detok.finished:
+                text_ids = list(co.new_token_ids)
+                token_stop = co.finish_reason == "stop" and not isinstance(co.stop_reason, str)
+                if token_stop and text_ids and not parent.params.include_stop_str_in_output:
+                    text_ids = text_ids[:-1]      # EOS / stop_token_ids stay out of the text
+                delta = child.detok.add_tokens(text_ids, finished=co.finish_reason is not None)
+                out.text = child.detok.output_text
+                if delta.stop_string is not None and out.finish_reason is None:
+                    out.finish_reason, out.stop_reason = "stop", delta.stop_string
+                    if co.finish_reason is None:
+                        to_finish.append((co.req_id, delta.stop_string))
+            if co.finish_reason is not None and out.finish_reason is None:
+                out.finish_reason, out.stop_reason = co.finish_reason, co.stop_reason
+            touched[parent.request_id] = parent
+        if to_finish:
+            self.scheduler.finish_requests([rid for rid, _ in to_finish], "stop")
+        results = []
+        for parent in touched.values():
+            finished = parent.finished
+            if finished:
+                parent.metrics.finished_time = now
+                self._parents.pop(parent.request_id, None)
+                for c in parent.children:
+                    self._child_to_parent.pop(c.req_id, None)
+            results.append(RequestOutput(
+                request_id=parent.request_id, prompt=parent.prompt,
+                prompt_token_ids=parent.prompt_token_ids,
+                outputs=[dataclasses.replace(c.output, token_ids=list(c.output.token_ids),
+                                             logprobs=None if c.output.logprobs is None else list(c.output.logprobs))
+                         for c in parent.children],
+                finished=finished, prompt_logprobs=parent.prompt_logprobs,
+                num_cached_tokens=parent.num_cached_tokens, metrics=parent.metrics))
+        return results

@@ -1,0 +1,135 @@
+"""Start-up: resolve the model, load tokenizer and weights, size the KV cache, compile the buckets.
+
+Logs the story a person waits through: model, dtype, devices, weights (GB, s), KV pages and maximum
+concurrency, compile progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from model_zoo.config import resolve_dtype
+from model_zoo.llama import init_kv_cache
+from model_zoo.registry import build_model
+from serving.buckets import BucketLadder
+from serving.config import EngineArgs
+from serving.kv_sizing import plan_kv_cache
+
+logger = logging.getLogger("jaxllm")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# Defaults per platform when the user gives none: GPUs take big batches; the 2-core CPU machines
+# want few, small executables.
+_GPU_DEFAULTS = dict(max_num_batched_tokens=2048)
+_CPU_DEFAULTS = dict(max_num_batched_tokens=256, max_num_seqs=64)
+
+
+def enable_compilation_cache(path: str | None) -> None:
+    """JAX's persistent compilation cache: a second start loads executables instead of compiling."""
+    path = path or os.environ.get("JAXLLM_COMPILATION_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "jaxllm", "xla")
+    if path.lower() in ("", "none", "off"):
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _attention_fn(backend: str | None, platform: str):
+    from model_zoo.attention import paged_attention_xla
+
+    if backend is None:
+        backend = "pallas" if platform == "gpu" else "xla"
+    if backend == "xla":
+        return "xla", paged_attention_xla
+    from pallas_kernels import paged_attention
+
+    return "pallas", paged_attention
+
+
+def default_sampling_from_generation_config(gen: dict) -> dict:
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {k: gen[k] for k in keys if gen.get(k) is not None}
+
+
+def build_engine_parts(args: EngineArgs) -> dict:
+    from model_zoo.loader import load_weights, resolve_model
+    from serving.scheduler import Scheduler
+    from serving.tokenizer import load_tokenizer
+    from serving.model_runner import ModelRunner
+
+    enable_compilation_cache(args.compilation_cache_dir)
+    platform = jax.default_backend()
+    devices = jax.devices()
+    resolved = resolve_model(args.model, revision=args.revision, download_dir=args.download_dir,
+                             load_format=args.load_format, tokenizer=args.tokenizer)
+    config = resolved.config
+    dtype = resolve_dtype(args.dtype, config, platform)
+    logger.info("Model %s (%s, %d layers, %.0fM params), dtype %s, %d x %s", resolved.path,
+                config.architecture, config.num_layers, config.num_params / 1e6, jnp.dtype(dtype).name,
+                len(devices), devices[0].device_kind)
+
+    tokenizer = None
+    if resolved.tokenizer_path is not None:
+        tokenizer = load_tokenizer(resolved.tokenizer_path, gguf_file=resolved.gguf_file,
+                                   revision=args.revision)
+
+    t0 = time.perf_counter()
+    params = load_weights(resolved, dtype)
+    attn_name, attn_fn = _attention_fn(args.attention_backend, platform)
+    model = build_model(config, params, attention_fn=attn_fn)
+    logger.info("Weights ready in %.1f s; attention backend: %s", time.perf_counter() - t0, attn_name)
+
+    defaults = _GPU_DEFAULTS if platform == "gpu" else _CPU_DEFAULTS
+    max_num_seqs = args.max_num_seqs if args.max_num_seqs != EngineArgs.max_num_seqs else \
+        defaults.get("max_num_seqs", args.max_num_seqs)
+    max_num_batched_tokens = args.max_num_batched_tokens or defaults["max_num_batched_tokens"]
+    mem = devices[0].memory_stats() if platform == "gpu" else None
+    kv_plan = plan_kv_cache(
+        config, page_size=args.block_size, dtype_bytes=jnp.dtype(dtype).itemsize, platform=platform,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory=args.kv_cache_memory,
+        max_model_len=args.max_model_len, device_memory=mem,
+        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+    max_model_len = kv_plan.max_model_len
+    logger.info("KV cache: %d pages of %d tokens (%.2f GiB); maximum concurrency for %d tokens per "
+                "request: %.2fx", kv_plan.num_pages - 1, kv_plan.page_size, kv_plan.total_bytes / 2 ** 30,
+                max_model_len, kv_plan.max_concurrency())
+    max_num_seqs = min(max_num_seqs, kv_plan.num_pages - 1)
+    kv_cache = init_kv_cache(config, kv_plan.num_pages, kv_plan.page_size, dtype)
+
+    max_pages_per_seq = -(-max_model_len // kv_plan.page_size)
+    ladder = BucketLadder.build(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                max_pages_per_seq=max_pages_per_seq, token_buckets=args.token_buckets,
+                                seq_buckets=args.seq_buckets, paged_width_buckets=attn_name == "xla")
+    gen_eos = resolved.generation_config.get("eos_token_id")
+    gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    tok_eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
+    eos = tuple(dict.fromkeys(tok_eos + gen_eos + list(config.eos_token_ids)))
+    runner = ModelRunner(model, num_pages=kv_plan.num_pages, page_size=kv_plan.page_size,
+                         max_model_len=max_model_len, max_num_seqs=max_num_seqs, ladder=ladder,
+                         kv_cache=kv_cache, max_logprobs=args.max_logprobs, seed=args.seed,
+                         eos_token_ids=eos)
+    runner.compile_all()
+    scheduler = Scheduler(num_pages=kv_plan.num_pages, page_size=kv_plan.page_size,
+                          max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=max_num_batched_tokens,
+                          enable_prefix_caching=args.enable_prefix_caching,
+                          scheduling_policy=args.scheduling_policy)
+    gen = resolved.generation_config if args.generation_config == "auto" else {}
+    if args.generation_config not in ("auto", "vllm"):
+        import json
+
+        with open(os.path.join(args.generation_config, "generation_config.json")) as f:
+            gen = json.load(f)
+    name = args.served_model_name or (args.model if args.model else DEFAULT_MODEL_NAME)
+    return dict(model_config=config, tokenizer=tokenizer, scheduler=scheduler, runner=runner,
+                max_model_len=max_model_len, eos_token_ids=eos,
+                default_sampling=default_sampling_from_generation_config(gen), model_name=name)

@@ -1,0 +1,232 @@
+"""The model runner: turns a StepPlan into device arrays, runs the compiled step, returns sampled tokens.
+
+It is the only place that pads (to a bucket from serving.buckets) and the only place that talks to
+the device. One executable per bucket shape, compiled ahead of time at start (``compile_all``); a
+step with a shape outside the ladder is a bug, not a compile.
+
+Per-request state (token ids, block table, sampler slot) is kept here keyed by req_id and updated
+from the plan's deltas; finished/preempted ids drop it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from model_zoo.attention import AttentionMetadata
+from serving import sampler as smp
+from serving.buckets import BucketLadder
+from serving.compile_counter import compile_counter
+from serving.plan import Logprobs, RunnerOutput, StepPlan
+
+logger = logging.getLogger("jaxllm")
+
+
+@dataclasses.dataclass
+class _ReqState:
+    req_id: str
+    token_ids: list[int]          # prompt + outputs so far
+    num_prompt_tokens: int
+    page_ids: list[int]
+    params: object                # SamplingParams
+    slot: int                     # row of the persistent sampler state
+    num_computed_tokens: int
+    consts: object                # sampler.RowConstants, computed once
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+    num_tokens: int
+    padded_tokens: int
+    num_seqs: int
+    bucket: tuple[int, int, int]
+    seconds: float
+
+    @property
+    def padding_ratio(self) -> float:
+        """Padded tokens / real tokens (0 = no waste)."""
+        return (self.padded_tokens - self.num_tokens) / max(self.num_tokens, 1)
+
+
+class ModelRunner:
+    def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int,
+                 max_num_seqs: int, ladder: BucketLadder, kv_cache, max_logprobs: int, seed: int,
+                 eos_token_ids: tuple[int, ...] = ()):
+        self.config = model.config
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.ladder = ladder
+        self.max_logprobs = max_logprobs
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.vocab_size = self.config.vocab_size
+        self.graphdef, self.state = nnx.split(model)
+        self.kv_cache = kv_cache
+        self.sampler_state = smp.init_sampler_state(max_num_seqs, self.vocab_size)
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self._reqs: dict[str, _ReqState] = {}
+        self._executables: dict[tuple[int, int, int], object] = {}
+        self._base_key = jax.random.PRNGKey(seed)
+        self._step_count = 0
+        self.last_step: StepStats | None = None
+
+    # ------------------------------------------------------------------ compile
+    def _step_fn(self, state, kv_cache, sampler_state, tokens, md, logits_indices, sampling_md, step_key):
+        model = nnx.merge(self.graphdef, state)
+        logits, kv_cache = model(tokens, kv_cache, md, logits_indices)
+        out, sampler_state = smp.sample(logits, sampling_md, sampler_state, step_key,
+                                        num_logprobs=self.max_logprobs)
+        return out, kv_cache, sampler_state
+
+    def _abstract_inputs(self, t: int, s: int, p: int):
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+        md = AttentionMetadata(positions=i32(t), token_seq_ids=i32(t), slot_mapping=i32(t),
+                               block_tables=i32(s, p), seq_lens=i32(s), query_start_loc=i32(s + 1))
+        sampling_md = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                   smp.build_sampling_metadata([], s))
+        return i32(t), md, i32(s), sampling_md
+
+    def compile_all(self, progress: bool = True) -> float:
+        """Compile every bucket shape ahead of time; returns seconds spent."""
+        shapes = self.ladder.all_shapes()
+        start = time.perf_counter()
+        jitted = jax.jit(self._step_fn, donate_argnums=(1, 2))
+        key = jax.ShapeDtypeStruct(self._base_key.shape, self._base_key.dtype)
+        bar = tqdm(shapes, desc="Compiling buckets", unit="exe", disable=not progress)
+        for shape in bar:
+            bar.set_postfix_str(f"tokens={shape[0]} seqs={shape[1]} pages={shape[2]}")
+            tokens, md, logits_indices, sampling_md = self._abstract_inputs(*shape)
+            self._executables[shape] = jitted.lower(
+                self.state, self.kv_cache, self.sampler_state, tokens, md, logits_indices,
+                sampling_md, key).compile()
+        self._write_slot_rows([])   # compiles set_slot_rows for its fixed row count
+        elapsed = time.perf_counter() - start
+        logger.info("Compiled %d bucket executables in %.1f s", len(shapes), elapsed)
+        return elapsed
+
+    @property
+    def num_executables(self) -> int:
+        return len(self._executables)
+
+    # ------------------------------------------------------------------ state updates
+    def _apply_plan_deltas(self, plan: StepPlan):
+        for req_id in plan.finished_req_ids:
+            st = self._reqs.pop(req_id, None)
+            if st is not None:
+                self._free_slots.append(st.slot)
+        new_rows = []
+        for new in plan.new_requests:
+            if not self._free_slots:
+                raise RuntimeError("more running requests than max_num_seqs sampler slots")
+            slot = self._free_slots.pop()
+            st = _ReqState(new.req_id, list(new.prompt_token_ids) + list(new.output_token_ids),
+                           len(new.prompt_token_ids), list(new.page_ids), new.sampling_params, slot,
+                           new.num_computed_tokens, smp.row_constants(new.sampling_params))
+            self._reqs[new.req_id] = st
+            if smp.slot_rows_needed(new.sampling_params):
+                new_rows.append((slot, smp.build_slot_rows(
+                    new.sampling_params, new.prompt_token_ids, new.output_token_ids, self.vocab_size,
+                    eos_token_ids=self.eos_token_ids)))
+        for cached in plan.cached_requests:
+            st = self._reqs[cached.req_id]
+            st.page_ids.extend(cached.new_page_ids)
+            st.num_computed_tokens = cached.num_computed_tokens
+        if new_rows:
+            self._write_slot_rows(new_rows)
+
+    _SLOT_ROWS_PER_CALL = 8
+
+    def _write_slot_rows(self, rows) -> None:
+        """Upload penalty/bias/stop rows of requests taking a slot, K at a time (one executable)."""
+        k, v = self._SLOT_ROWS_PER_CALL, self.vocab_size
+        for i in range(0, max(len(rows), 1), k):
+            chunk = rows[i:i + k]
+            slots = np.full(k, self.max_num_seqs, np.int32)   # out of range: dropped
+            counts = np.zeros((k, v), np.int32)
+            mask = np.zeros((k, v), bool)
+            bias = np.zeros((k, v), np.float32)
+            stop = np.zeros((k, v), bool)
+            for j, (slot, r) in enumerate(chunk):
+                slots[j], counts[j], mask[j], bias[j], stop[j] = slot, r.counts, r.prompt_mask, r.bias, r.stop_mask
+            self.sampler_state = smp.set_slot_rows(self.sampler_state, slots, counts, mask, bias, stop)
+
+    # ------------------------------------------------------------------ one step
+    def run(self, plan: StepPlan) -> RunnerOutput:
+        self._apply_plan_deltas(plan)
+        order = [n.req_id for n in plan.new_requests] + [c.req_id for c in plan.cached_requests]
+        if not order:
+            return RunnerOutput((), {}, {}, {})
+        start = time.perf_counter()
+        reqs = [self._reqs[r] for r in order]
+        counts = np.array([plan.num_scheduled_tokens[r] for r in order], dtype=np.int64)
+        total = int(counts.sum())
+        max_pages = max(len(st.page_ids) for st in reqs)
+        t_pad, s_pad, p_pad = self.ladder.select(total, len(reqs), max_pages)
+
+        tokens = np.zeros(t_pad, np.int32)
+        positions = np.zeros(t_pad, np.int32)
+        seq_ids = np.zeros(t_pad, np.int32)
+        block_tables = np.zeros((s_pad, p_pad), np.int32)
+        seq_lens = np.zeros(s_pad, np.int32)
+        qsl = np.full(s_pad + 1, total, np.int32)
+        qsl[0] = 0
+        qsl[1:len(reqs) + 1] = np.cumsum(counts)
+        logits_indices = np.zeros(s_pad, np.int32)
+        sample_rows = []
+        off = 0
+        for i, (st, n) in enumerate(zip(reqs, counts)):
+            n = int(n)
+            start_pos = st.num_computed_tokens
+            tokens[off:off + n] = st.token_ids[start_pos:start_pos + n]
+            positions[off:off + n] = np.arange(start_pos, start_pos + n)
+            seq_ids[off:off + n] = i
+            block_tables[i, :len(st.page_ids)] = st.page_ids
+            seq_lens[i] = start_pos + n
+            logits_indices[i] = off + n - 1
+            # A request samples when this step reaches the end of its known tokens.
+            samples = start_pos + n >= len(st.token_ids)
+            sample_rows.append(smp.RowInfo(slot=st.slot, output_index=len(st.token_ids) - st.num_prompt_tokens,
+                                           sample=samples, consts=st.consts))
+            off += n
+        page_of = block_tables[seq_ids, positions // self.page_size]
+        slot_mapping = page_of * self.page_size + positions % self.page_size
+        # Padding tokens write into the null page 0 (never read as valid context).
+        slot_mapping[total:] = np.arange(t_pad - total) % self.page_size
+        md = AttentionMetadata(positions=positions, token_seq_ids=seq_ids, slot_mapping=slot_mapping.astype(np.int32),
+                               block_tables=block_tables, seq_lens=seq_lens, query_start_loc=qsl)
+        sampling_md = smp.build_sampling_metadata(sample_rows, s_pad)
+        step_key = jax.random.fold_in(self._base_key, self._step_count)
+        self._step_count += 1
+
+        exe = self._executables[(t_pad, s_pad, p_pad)]
+        out, self.kv_cache, self.sampler_state = exe(
+            self.state, self.kv_cache, self.sampler_state, tokens, md, logits_indices, sampling_md, step_key)
+        out = jax.device_get(out)   # the step's only device -> host copy
+
+        sampled: dict[str, tuple[int, ...]] = {}
+        logprobs: dict[str, tuple[Logprobs, ...]] = {}
+        for i, (st, row) in enumerate(zip(reqs, sample_rows)):
+            st.num_computed_tokens += int(counts[i])
+            if not row.sample:
+                sampled[st.req_id] = ()
+                continue
+            tok = int(out.token_ids[i])
+            st.token_ids.append(tok)
+            sampled[st.req_id] = (tok,)
+            k = st.params.logprobs
+            if k is not None:
+                logprobs[st.req_id] = (Logprobs(
+                    token_id=tok, logprob=float(out.logprobs[i]), rank=int(out.ranks[i]),
+                    top_ids=tuple(int(x) for x in out.top_ids[i, :k]),
+                    top_logprobs=tuple(float(x) for x in out.top_logprobs[i, :k])),)
+        self.last_step = StepStats(total, t_pad, len(reqs), (t_pad, s_pad, p_pad),
+                                   time.perf_counter() - start)
+        return RunnerOutput(tuple(order), sampled, logprobs, {})
