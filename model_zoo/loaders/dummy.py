@@ -6,6 +6,7 @@ Each parameter is one small jitted function whose output sharding is the request
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -18,11 +19,15 @@ from model_zoo.params import param_specs
 INIT_STD = 0.02
 
 
-def _init_fn(name: str, shape: tuple, dtype):
-    if name.endswith("norm"):
+@functools.lru_cache(maxsize=64)
+def _init_fn(is_norm: bool, shape: tuple, dtype, sharding):
+    # Cached: parameters of equal shape (wk/wv, w_gate/w_up) and repeated loads compile once.
+    if is_norm:
         # RMSNorm scales of one keep activations at a sane scale through the stack.
-        return lambda key: jnp.ones(shape, dtype)
-    return lambda key: (jax.random.normal(key, shape, jnp.float32) * INIT_STD).astype(dtype)
+        fn = lambda key: jnp.ones(shape, dtype)  # noqa: E731
+    else:
+        fn = lambda key: (jax.random.normal(key, shape, jnp.float32) * INIT_STD).astype(dtype)  # noqa: E731
+    return jax.jit(fn, out_shardings=sharding)
 
 
 def dummy_params(config: ModelConfig, dtype, *, sharding_for: ShardingFor | None = None,
@@ -36,7 +41,7 @@ def dummy_params(config: ModelConfig, dtype, *, sharding_for: ShardingFor | None
     out = {}
     for i, (name, (shape, axes)) in enumerate(specs.items()):
         sharding = sharding_for(name, shape, axes) if sharding_for is not None else None
-        fn = jax.jit(_init_fn(name, shape, dtype), out_shardings=sharding)
+        fn = _init_fn(name.endswith("norm"), tuple(shape), dtype, sharding)
         out[name] = fn(jax.random.fold_in(root, i))
         timer.update(math.prod(shape) * dtype.itemsize)
     jax.block_until_ready(out)
