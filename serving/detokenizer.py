@@ -73,6 +73,10 @@ class IncrementalDetokenizer:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
         self._tokenizer = tokenizer
+        # Tokens after which the window stays open even if its text looks complete (see _decode_step).
+        self._hold_ids = frozenset(getattr(tokenizer, "byte_fallback_ids", ()))
+        if skip_special_tokens:
+            self._hold_ids |= frozenset(getattr(tokenizer, "special_ids", ()))
         self._skip_special_tokens = skip_special_tokens
         self._spaces_between_special_tokens = spaces_between_special_tokens
         self._stop = stop
@@ -144,6 +148,12 @@ class IncrementalDetokenizer:
 
     def _decode_step(self) -> str:
         """Text the latest token adds (empty while it ends in an incomplete character)."""
+        if self._ids[-1] in self._hold_ids:
+            # A byte-fallback run decodes as text only if the whole run is valid UTF-8: a later byte
+            # can turn already-valid bytes of the run into U+FFFD, so the run is decoded once it has
+            # ended. Skipped special tokens do not end a run (the decoder never sees them), and they
+            # add no text, so holding after them costs nothing.
+            return ""
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset:])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):

@@ -36,6 +36,12 @@ class Tokenizer:
         # Added tokens (special or not) decode as standalone pieces; see decode().
         self._added_tokens = {int(i): tok.content for i, tok in hf.added_tokens_decoder.items()}
         self._special_added = frozenset(int(i) for i, tok in hf.added_tokens_decoder.items() if tok.special)
+        # SentencePiece byte fallback: <0xNN> tokens. Its decoder turns a run of them into text only
+        # if the whole run is valid UTF-8 (else one U+FFFD per token), which the detokenizer must know.
+        self._byte_fallback_ids = frozenset()
+        if "ByteFallback" in repr(self._backend.decoder):
+            ids = (self._backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
+            self._byte_fallback_ids = frozenset(i for i in ids if i is not None)
 
     # ---- vocabulary ---------------------------------------------------------------------------
 
@@ -64,6 +70,16 @@ class Tokenizer:
     @property
     def added_tokens(self) -> dict[int, str]:
         return dict(self._added_tokens)
+
+    @property
+    def byte_fallback_ids(self) -> frozenset[int]:
+        """Ids of <0xNN> byte tokens when the decoder uses byte fallback (else empty)."""
+        return self._byte_fallback_ids
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that skip_special_tokens drops."""
+        return self._special_added
 
     def is_special(self, token_id: int) -> bool:
         """True for tokens that skip_special_tokens drops (the backend's special added tokens)."""
