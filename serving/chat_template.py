@@ -334,10 +334,12 @@ def normalize_messages(messages: Any, content_format: str) -> list[dict]:
     """
     if content_format not in ("string", "openai"):
         raise ValueError(f"content format must be 'string' or 'openai', got {content_format!r}")
+    if isinstance(messages, (list, tuple)):
+        messages = [_plain(m) if not isinstance(m, (str, bytes)) else m for m in messages]
     validate_messages(messages)
     out = []
     for i, msg in enumerate(messages):
-        msg = {k: v for k, v in _plain(msg).items() if v is not None}
+        msg = {k: v for k, v in msg.items() if v is not None}
         content = msg.get("content")
         if isinstance(content, list):
             texts = _text_of_parts(content, f"messages[{i}]")

@@ -84,7 +84,7 @@ class IncrementalDetokenizer:
         self._include_stop = include_stop_str_in_output
 
         # Window state over self._ids = prompt tail + output ids.
-        tail = [int(t) for t in prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:]] if prompt_token_ids else []
+        tail = [int(t) for t in list(prompt_token_ids)[-_PROMPT_CONTEXT_TOKENS:]]
         self._ids: list[int] = tail
         self._prefix_offset = 0
         self._read_offset = len(tail)

@@ -321,3 +321,18 @@ def test_resolve_chat_template_and_cache(tmp_path):
     with pytest.raises(ValueError):
         resolve_chat_template("  ")
     assert compile_chat_template(LLAMA3) is compile_chat_template(LLAMA3)
+
+
+def test_pydantic_messages_render_like_dicts():
+    import pydantic
+
+    class Message(pydantic.BaseModel):
+        role: str
+        content: str | None = None
+
+    as_models = [Message(role="user", content="hi"), Message(role="assistant", content="yo")]
+    as_dicts = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert render_chat_template(LLAMA3, as_models, special_tokens=SPECIALS["llama3"]) == \
+        render_chat_template(LLAMA3, as_dicts, special_tokens=SPECIALS["llama3"])
+    with pytest.raises(ValueError, match="wizard"):
+        render_chat_template(LLAMA3, [Message(role="wizard", content="x")])

@@ -202,3 +202,12 @@ def test_window_stays_small(smollm2):
     deltas, _ = stream(Counting(), ids, prompt=list(range(100, 120)), stop=["never appears"])
     assert "".join(deltas) == smollm2.decode(ids)
     assert max(sizes) <= 12, max(sizes)
+
+
+def test_numpy_prompt_ids(smollm2):
+    import numpy as np
+
+    prompt = np.array(smollm2.encode("Once upon a"), dtype=np.int32)
+    ids = smollm2.encode(" time, 你好", add_special_tokens=False)
+    deltas, _ = stream(smollm2, ids, prompt)
+    assert "".join(deltas) == " time, 你好"
