@@ -108,10 +108,13 @@ def test_distributions_match_reference():
         SamplingParams(temperature=0.8, top_k=10, repetition_penalty=0.7, frequency_penalty=0.3, presence_penalty=0.5),
         SamplingParams(allowed_token_ids=[1, 4, 9, 20], logit_bias={4: 2.0, 9: -1.0}),
         SamplingParams(temperature=0, repetition_penalty=3.0, frequency_penalty=1.0),
+        SamplingParams(repetition_penalty=1.8),          # on all-negative logits: multiplies, not divides
+        SamplingParams(repetition_penalty=0.6),          # < 1 favours repeats
     ]
     logits = (rng.standard_normal((len(configs), V)) * 2.0).astype(np.float32)
     # Penalised tokens need to be competitive for the penalties to show: lift the seen ones.
     logits[:, [3, 8, 17]] += 2.0
+    logits[-2] -= logits[-2].max() + 0.5
     state = state_for(configs, [prompt] * len(configs), [output] * len(configs), V)
     md = metadata(configs, output_index=[len(output)] * len(configs))
     n = 4000
@@ -172,6 +175,13 @@ def test_seeded_rows_reproducible_in_any_batch():
     out, _ = sample_jit(np.tile(target_logits, (12, 1)), md, init_sampler_state(12, vocab), jax.random.PRNGKey(0),
                         num_logprobs=0)
     assert list(np.asarray(out.token_ids)) != alone
+
+
+def test_unseeded_rows_are_independent_within_a_step():
+    params = [SamplingParams()] * 16
+    out, _ = sample_jit(np.zeros((16, V), np.float32), metadata(params), init_sampler_state(16, V),
+                        jax.random.PRNGKey(0), num_logprobs=0)
+    assert len(set(np.asarray(out.token_ids).tolist())) > 4
 
 
 def test_logit_bias_and_allowed_token_ids():
