@@ -256,3 +256,106 @@ def test_orbax_round_trip_bit_identical(tiny_llama, tmp_path, dtype):
                                       np.asarray(arr).view(np.uint8), err_msg=name)
     with pytest.raises(ValueError, match="not empty"):
         save_orbax(params, src.config, out)
+    # Restoring straight into a requested sharding.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tp",))
+    spec_for = lambda name, shape, axes: jax.sharding.NamedSharding(  # noqa: E731
+        mesh, jax.sharding.PartitionSpec(*(("tp" if a == "mlp" else None) for a in axes)))
+    sharded = load_weights(resolved, dtype, sharding_for=spec_for, progress=False)
+    assert sharded["layers/w_down"].sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
+    np.testing.assert_array_equal(np.asarray(sharded["layers/w_down"]),
+                                  np.asarray(params["layers/w_down"]))
+
+
+# --- GGUF (the embedded SmolLM2) -----------------------------------------------------------
+
+def test_gguf_reverse_permute_matches_transformers():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from model_zoo.loaders.gguf_file import _reverse_rope_permute
+
+    w = np.random.default_rng(0).standard_normal((6 * 8, 5)).astype(np.float32)
+    proc = LlamaTensorProcessor(config={"num_attention_heads": 6, "num_key_value_heads": 2})
+    for name, heads in (("blk.0.attn_q.weight", 6), ("blk.0.attn_k.weight", 2)):
+        ref = proc.process(weights=w[: heads * 8], name=name).weights
+        np.testing.assert_array_equal(_reverse_rope_permute(w[: heads * 8], heads), ref)
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    resolved = resolve_model(None)
+    t0 = time.perf_counter()
+    params = load_weights(resolved, "float32", progress=False)
+    return resolved, params, time.perf_counter() - t0
+
+
+def test_gguf_config_matches_transformers(smollm):
+    from tests.tiny_models import load_hf_gguf_reference
+
+    resolved, _, _ = smollm
+    assert resolved.kind == "gguf" and resolved.gguf_file.endswith(".gguf")
+    assert (resolved.tokenizer_path / resolved.gguf_file).is_file()
+    hf = load_hf_gguf_reference().config
+    c = resolved.config
+    assert c.architecture == "LlamaForCausalLM" and c.tie_word_embeddings and hf.tie_word_embeddings
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads,
+            c.num_kv_heads, c.head_dim) == (hf.vocab_size, hf.hidden_size, hf.intermediate_size,
+                                            hf.num_hidden_layers, hf.num_attention_heads,
+                                            hf.num_key_value_heads, hf.head_dim)
+    assert c.rms_norm_eps == hf.rms_norm_eps and c.rope_theta == hf.rope_parameters["rope_theta"]
+    assert c.max_position_embeddings == hf.max_position_embeddings
+    assert resolved.generation_config["eos_token_id"] == 2 == c.eos_token_ids[0]
+    assert resolved.generation_config["bos_token_id"] == 1 == c.bos_token_id
+
+
+def test_gguf_weights_match_transformers(smollm):
+    from tests.tiny_models import load_hf_gguf_reference
+
+    resolved, params, _ = smollm
+    sd = load_hf_gguf_reference().state_dict()
+    assert set(params) == set(param_specs(resolved.config))
+    # Layer by layer, to spare the CI machine a second full copy of the model.
+    for name, arr in params.items():
+        got = np.asarray(arr)
+        _, transpose = _HF_NAMES[name]
+        hf_names = hf_tensor_names(name, resolved.config.num_layers)
+        for i, hf_name in enumerate(hf_names):
+            ref = sd[hf_name].numpy()
+            np.testing.assert_array_equal(got[i] if name.startswith("layers/") else got,
+                                          ref.T if transpose else ref, err_msg=hf_name)
+
+
+def test_orbax_from_gguf_is_self_contained_and_timed(smollm, tmp_path, capsys):
+    """Convert the embedded model to orbax; restoring it equals the GGUF load and is timed
+    against converting again (numbers printed for the record; CI timings are too noisy to gate)."""
+    from transformers import AutoTokenizer
+
+    resolved, params, gguf_seconds = smollm
+    out = save_orbax(params, resolved.config, tmp_path / "smol", tokenizer_dir=resolved.tokenizer_path,
+                     gguf_file=resolved.gguf_file, generation_config=resolved.generation_config)
+    ckpt = resolve_model(str(out))
+    assert ckpt.kind == "orbax" and ckpt.tokenizer_path == out and ckpt.gguf_file is None
+    t0 = time.perf_counter()
+    restored = load_weights(ckpt, "float32", progress=False)
+    orbax_seconds = time.perf_counter() - t0
+    for name in params:
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(params[name]))
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == resolved.config.vocab_size and tok.eos_token == "<|im_end|>"
+    assert tok.decode(tok("Grüße, 世界!").input_ids) == "Grüße, 世界!"
+    with capsys.disabled():
+        print(f"\n[loader timing] embedded SmolLM2 float32: GGUF dequant+place {gguf_seconds:.2f} s, "
+              f"orbax restore {orbax_seconds:.2f} s")
+
+
+def test_convert_cli_tiny(tiny_llama, tmp_path):
+    from model_zoo.convert import main
+
+    path, model = tiny_llama
+    assert main([str(path), str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    resolved = resolve_model(str(tmp_path / "out"))
+    assert resolved.kind == "orbax" and resolved.dtype == "bfloat16"
+    params = load_weights(resolved, "bfloat16", progress=False)
+    ref = hf_reference(model.state_dict(), resolved.config)
+    np.testing.assert_array_equal(np.asarray(params["layers/wo"]),
+                                  ref["layers/wo"].astype(jnp.bfloat16))
+    assert main([str(path), str(tmp_path / "out")]) == 2  # exists, no --overwrite

@@ -9,6 +9,7 @@ id resolution is testable with `HF_HUB_OFFLINE=1` and no network.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -162,3 +163,19 @@ def make_fake_hub_cache(cache_dir: str | os.PathLike, repo_id: str, src_dir: str
         os.symlink(os.path.relpath(blob, dest.parent), dest)
     (repo_dir / "refs" / revision).write_text(commit)
     return snapshot
+
+
+@functools.lru_cache(maxsize=1)
+def load_hf_gguf_reference(gguf_path: str | None = None):
+    """transformers' own float32 model for a GGUF file (default: the embedded SmolLM2), loaded once
+    per test process: it takes tens of seconds on CPU, and several test modules compare with it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if gguf_path is None:
+        from model_zoo.loader import default_model_path
+
+        gguf_path = str(default_model_path())
+    p = Path(gguf_path)
+    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                dtype=torch.float32).eval()
