@@ -263,6 +263,15 @@ def token_logprobs(logits, token_ids, wants_top, *, num_logprobs: int):
     return chosen - lse, jnp.maximum(ranks, 1), top_ids, top_lp
 
 
+def _needs_penalties(md: SamplingMetadata):
+    return jnp.any((md.repetition_penalty != 1.0) | (md.frequency_penalty != 0.0) | (md.presence_penalty != 0.0))
+
+
+def _needs_processing(md: SamplingMetadata):
+    """Whether any row's logits change before the greedy argmax (bias, min_tokens, penalties)."""
+    return jnp.any(md.has_bias) | jnp.any(md.suppress_stop) | _needs_penalties(md)
+
+
 def _apply_penalties(logits, md: SamplingMetadata, state: SamplerState):
     """logit_bias, min_tokens suppression, repetition / frequency / presence penalties ([S, V] -> [S, V])."""
     slots = md.slots
@@ -289,8 +298,7 @@ def _apply_penalties(logits, md: SamplingMetadata, state: SamplerState):
         x = x - freq * counts.astype(jnp.float32)
         return x - pres * (counts > 0).astype(jnp.float32)
 
-    needs = jnp.any((md.repetition_penalty != 1.0) | (md.frequency_penalty != 0.0) | (md.presence_penalty != 0.0))
-    return jax.lax.cond(needs, penalise, lambda x: x, x)
+    return jax.lax.cond(_needs_penalties(md), penalise, lambda x: x, x)
 
 
 def _truncate(x, md: SamplingMetadata, random_rows):
@@ -352,12 +360,11 @@ def sample(logits, md: SamplingMetadata, state: SamplerState, step_key, *,
     incremented at (slot, token) for rows in ``sample_mask``.
     """
     logits = logits.astype(jnp.float32)
-    processed = _apply_penalties(logits, md, state)
     greedy_rows = md.temperature < SAMPLING_EPS
     random_rows = md.sample_mask & ~greedy_rows
-    greedy_tokens = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    any_random = jnp.any(random_rows)
 
-    def draw(x):
+    def draw(x, greedy_tokens):
         temperature = jnp.where(greedy_rows, 1.0, md.temperature)[:, None]
         x = _truncate(x / temperature, md, random_rows)
         keys = _row_keys(md, step_key)
@@ -365,7 +372,16 @@ def sample(logits, md: SamplingMetadata, state: SamplerState, step_key, *,
         sampled = jnp.argmax(x + noise, axis=-1).astype(jnp.int32)                      # Gumbel-max
         return jnp.where(greedy_rows, greedy_tokens, sampled)
 
-    tokens = jax.lax.cond(jnp.any(random_rows), draw, lambda x: greedy_tokens, processed)
+    def full(x):
+        processed = _apply_penalties(x, md, state)
+        greedy_tokens = jnp.argmax(processed, axis=-1).astype(jnp.int32)
+        return jax.lax.cond(any_random, draw, lambda x, g: g, processed, greedy_tokens)
+
+    # The common all-greedy, unpenalised batch takes a path whose only [S, V] work is one argmax: a
+    # cond branch returning [S, V] (even unchanged) costs a copy of the logits on GPU. The argmax of
+    # unprocessed logits is what `full` computes for such a batch, so results do not depend on the path.
+    tokens = jax.lax.cond(any_random | _needs_processing(md), full,
+                          lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits)
     lp, ranks, top_ids, top_lp = token_logprobs(logits, tokens, md.wants_logprobs & md.sample_mask,
                                                 num_logprobs=num_logprobs)
     counts = state.output_counts.at[md.slots, tokens].add(md.sample_mask.astype(jnp.int32), mode="drop")
