@@ -165,14 +165,15 @@ class Tokenizer:
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
-def _gguf_chat_template(gguf_path: str) -> Optional[str]:
-    """The chat template stored in a GGUF file's metadata (`tokenizer.chat_template`), if any.
+def _gguf_metadata(gguf_path: str, keys: Sequence[str]) -> dict[str, Any]:
+    """The requested string/scalar metadata values of a GGUF file (absent keys are left out).
 
     A direct scan of the metadata header: gguf.GGUFReader parses every tensor's and token's entry
-    (seconds for a 49k vocabulary), while this reads only up to the key it needs.
+    (seconds for a 49k vocabulary), while this skips over arrays and stops once it has every key.
     """
     import struct
 
+    wanted, found = set(keys), {}
     with open(gguf_path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{gguf_path!r} is not a GGUF file")
@@ -204,12 +205,45 @@ def _gguf_chat_template(gguf_path: str) -> Optional[str]:
                 raise ValueError(f"{gguf_path!r}: unknown GGUF metadata type {vtype}")
 
         for _ in range(kv_count):
-            key = read_str()
+            if len(found) == len(wanted):
+                break
+            key = read_str().decode("utf-8", errors="replace")
             vtype = read("I")
-            if key == b"tokenizer.chat_template" and vtype == 8:
-                return read_str().decode("utf-8")
-            skip_value(vtype)
-    return None
+            if key in wanted and vtype == 8:
+                found[key] = read_str().decode("utf-8")
+            elif key in wanted and vtype in _GGUF_SCALARS:
+                found[key] = read(_GGUF_SCALARS[vtype])
+            else:
+                skip_value(vtype)
+    return found
+
+
+def _gguf_chat_template(gguf_path: str) -> Optional[str]:
+    """The chat template stored in a GGUF file's metadata (`tokenizer.chat_template`), if any."""
+    return _gguf_metadata(gguf_path, ["tokenizer.chat_template"]).get("tokenizer.chat_template")
+
+
+def _gguf_loads_as_generic_class(directory: str, gguf_path: str) -> bool:
+    """Whether AutoTokenizer would give the generic fast class for this GGUF file.
+
+    AutoTokenizer first parses the file's whole model config (gguf.GGUFReader: ~12 s for SmolLM2)
+    only to pick a tokenizer class from the architecture. For Llama-architecture files (SmolLM2,
+    Llama 3, ...) with no tokenizer class registered for "llama" (transformers 5) and no
+    tokenizer_config.json beside the file, that class is the generic one, built from the same GGUF
+    vocabulary conversion, so we build it directly. Files named Mistral are excluded (transformers
+    maps them to their own type), as is every other architecture. tests/test_tokenizer.py checks
+    that the result equals AutoTokenizer's.
+    """
+    try:
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+    except ImportError:
+        return False
+    if TOKENIZER_MAPPING_NAMES.get("llama") not in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
+        return False  # transformers 4.x: a Llama tokenizer class of its own
+    if os.path.exists(os.path.join(directory, "tokenizer_config.json")):
+        return False
+    meta = _gguf_metadata(gguf_path, ["general.architecture", "general.name"])
+    return meta.get("general.architecture") == "llama" and "mistral" not in str(meta.get("general.name", "")).lower()
 
 
 def load_tokenizer(path: str, *, gguf_file: Optional[str] = None, revision: Optional[str] = None,
@@ -221,7 +255,7 @@ def load_tokenizer(path: str, *, gguf_file: Optional[str] = None, revision: Opti
     """
     if not path:
         raise ValueError("tokenizer path must be a model directory, a Hub id or a .gguf file")
-    from transformers import AutoTokenizer  # heavy import, deferred to first use
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy import, deferred to first use
 
     path = os.path.expanduser(path)
     if gguf_file is None and path.endswith(".gguf"):
@@ -237,7 +271,9 @@ def load_tokenizer(path: str, *, gguf_file: Optional[str] = None, revision: Opti
 
     kwargs = {"revision": revision} if revision is not None else {}
     try:
-        if gguf_file is not None:
+        if gguf_file is not None and _gguf_loads_as_generic_class(path, os.path.join(path, gguf_file)):
+            hf = PreTrainedTokenizerFast.from_pretrained(path, gguf_file=gguf_file, **kwargs)
+        elif gguf_file is not None:
             hf = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, use_fast=True, **kwargs)
         else:
             hf = AutoTokenizer.from_pretrained(path, use_fast=True, **kwargs)

@@ -93,8 +93,22 @@ TEXTS = [
 ]
 
 
-def test_smollm2_gguf_matches_transformers(smollm2):
-    hf = smollm2.hf
+@pytest.fixture(scope="module")
+def smollm2_auto():
+    """transformers' own AutoTokenizer load of the file (slow: it parses the whole GGUF config)."""
+    from transformers import AutoTokenizer
+
+    gguf = find_smollm2_gguf()
+    return AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+
+
+def test_smollm2_gguf_matches_transformers(smollm2, smollm2_auto):
+    hf = smollm2_auto
+    assert type(smollm2.hf) is type(hf)
+    assert smollm2.hf.backend_tokenizer.to_str() == hf.backend_tokenizer.to_str()
+    assert smollm2.hf.added_tokens_decoder == hf.added_tokens_decoder
+    assert smollm2.hf.special_tokens_map == hf.special_tokens_map
+    assert smollm2.hf.chat_template == hf.chat_template
     assert isinstance(smollm2, Tokenizer)
     assert smollm2.vocab_size == len(hf) == 49152
     assert smollm2.eos_token_id == hf.eos_token_id == 2
@@ -112,7 +126,7 @@ def test_smollm2_gguf_matches_transformers(smollm2):
         smollm2.encode(123)
 
 
-def test_smollm2_chat_template_from_gguf(smollm2):
+def test_smollm2_chat_template_from_gguf(smollm2, smollm2_auto):
     template = _gguf_chat_template(find_smollm2_gguf())
     assert template and "<|im_start|>" in template
     assert smollm2.chat_template == template
@@ -120,7 +134,7 @@ def test_smollm2_chat_template_from_gguf(smollm2):
             {"role": "user", "content": "And 3+3? ✨"}]
     for gen in (True, False):
         ours = smollm2.apply_chat_template(msgs, add_generation_prompt=gen)
-        assert ours == smollm2.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        assert ours == smollm2_auto.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
     # The rendered prompt round-trips through encode with the special tokens recognised.
     ids = smollm2.encode(smollm2.apply_chat_template(msgs), add_special_tokens=False)
     assert ids[0] == smollm2.bos_token_id and ids.count(smollm2.eos_token_id) == 4
@@ -132,20 +146,30 @@ def test_load_forms_and_errors(smollm2, tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_from_pretrained(path, **kwargs):
-        calls.append((path, kwargs))
-        return smollm2.hf
+    def recorder(cls_name):
+        def fake_from_pretrained(path, **kwargs):
+            calls.append((cls_name, path, kwargs))
+            return smollm2.hf
+        return fake_from_pretrained
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recorder("auto"))
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "from_pretrained", recorder("generic"))
     gguf = find_smollm2_gguf()
     literal = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
     tok = load_tokenizer(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), chat_template=literal,
                          revision="main")
-    assert calls[-1] == (os.path.dirname(gguf), {"gguf_file": SMOLLM2_FILE, "use_fast": True, "revision": "main"})
+    assert calls[-1] == ("generic", os.path.dirname(gguf), {"gguf_file": SMOLLM2_FILE, "revision": "main"})
     assert tok.chat_template == literal
     assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[user] x\n"
     load_tokenizer(gguf)
-    assert calls[-1] == (os.path.dirname(os.path.abspath(gguf)), {"gguf_file": SMOLLM2_FILE, "use_fast": True})
+    assert calls[-1] == ("generic", os.path.dirname(os.path.abspath(gguf)), {"gguf_file": SMOLLM2_FILE})
+    # A tokenizer_config.json beside the file can change transformers' choice: then AutoTokenizer decides.
+    (tmp_path / "model.gguf").symlink_to(os.path.abspath(gguf))
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    load_tokenizer(str(tmp_path / "model.gguf"))
+    assert calls[-1] == ("auto", str(tmp_path), {"gguf_file": "model.gguf", "use_fast": True})
+    os.remove(tmp_path / "tokenizer_config.json")
+    os.remove(tmp_path / "model.gguf")
     with pytest.raises(ValueError, match="does not exist"):
         load_tokenizer(str(tmp_path / "missing.gguf"))
     with pytest.raises(ValueError, match="does not exist"):
