@@ -43,7 +43,7 @@ def build_sentencepiece_style_tokenizer(out_dir: str, variant: str = "llama2") -
     Characters outside the small training alphabet (CJK, emoji) fall back to <0xXX> byte tokens.
     """
     from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = RustTokenizer(models.BPE(unk_token="<unk>"))
