@@ -13,10 +13,10 @@ anything else (or ``None``) selects the ragged prefill kernel (query blocks of o
 causal masking), which is correct for decode too, just slower there. The decode kernel treats every
 token independently, so a wrong hint costs speed, never correctness.
 
-Which lowering runs: the portable Triton-lowered kernels in ``triton_attention.py`` on every CUDA
-GPU (and in interpret mode on CPU, ``interpret=True``). On Hopper, ``implementation="mosaic"`` asks
-for the Mosaic GPU decode kernel where one is available (see ``mosaic_attention.py``); ``"auto"``
-(the default) uses Triton everywhere until the Mosaic kernel beats it in ``benchmarks/kernels.py``.
+Which lowering runs: the Triton-lowered Pallas kernels in ``triton_attention.py``, on every CUDA
+GPU including Hopper (and in interpret mode on the CPU, ``interpret=True``, which the tests use).
+A Mosaic GPU (Hopper) variant is not written yet: JAX marks the Triton lowering deprecated, but it
+still compiles and runs under JAX 0.11.2 on H100/H200, where ``benchmarks/kernels.py`` measures it.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class DecodeTuning:
 
 @dataclasses.dataclass(frozen=True)
 class PrefillTuning:
-    block_q: int              # query tokens per program (rows = block_q x padded group)
+    block_rows: int           # query rows per program: block_q = block_rows // padded group
     pages_per_block: int
     num_warps: int
     num_stages: int
@@ -54,12 +54,23 @@ _DECODE_TUNING = {
                             num_warps=4, num_stages=2),
 }
 _PREFILL_TUNING = {
-    "default": PrefillTuning(block_q=64, pages_per_block=4, num_warps=4, num_stages=2),
+    "default": PrefillTuning(block_rows=128, pages_per_block=8, num_warps=4, num_stages=2),
 }
 # Small enough for the CPU interpreter: fewer, smaller blocks keep the tests fast.
 _INTERPRET_DECODE = DecodeTuning(pages_per_block=2, target_programs=1, min_pages_per_split=1,
                                  num_warps=4, num_stages=1)
-_INTERPRET_PREFILL = PrefillTuning(block_q=8, pages_per_block=2, num_warps=4, num_stages=1)
+_INTERPRET_PREFILL = PrefillTuning(block_rows=16, pages_per_block=2, num_warps=4, num_stages=1)
+# Triton keeps num_stages copies of each K/V block in shared memory (228 KiB a block on Hopper,
+# less elsewhere); blocks are halved until they fit this budget, which leaves room for the rest.
+_SMEM_BUDGET = 160 * 1024
+
+
+def _fit_pages_per_block(pages_per_block, page_size, head_dim, itemsize, num_stages, extra=0):
+    while pages_per_block > 1 and (
+            2 * pages_per_block * page_size * head_dim * itemsize * max(1, num_stages) + extra
+            > _SMEM_BUDGET):
+        pages_per_block //= 2
+    return pages_per_block
 
 
 def _lookup(table, device_kind: str):
@@ -137,7 +148,8 @@ def _decode(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_wind
     g = h // hkv
     padded_group = max(16, _next_pow2(g))
     max_pages = md.block_tables.shape[1]
-    ppb = tuning.pages_per_block
+    ppb = _fit_pages_per_block(tuning.pages_per_block, k_cache.shape[3], d,
+                               k_cache.dtype.itemsize, tuning.num_stages)
     if num_splits is None:
         want = -(-tuning.target_programs // max(1, t * hkv))
         most = max(1, max_pages // max(tuning.min_pages_per_split, ppb))
@@ -158,7 +170,10 @@ def _decode(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_wind
 
 
 def _prefill_items(md, num_tokens, block_q, sliding_window):
-    """Split each sequence's query tokens into blocks of <= block_q: rows (q_lo, q_hi, kv_lo, kv_hi).
+    """Split each sequence's query tokens into blocks of <= block_q.
+
+    Rows are (q_lo, q_hi, kv_lo, kv_hi, kv_full, 0, 0, 0): the block's tokens [q_lo, q_hi), the
+    keys any of them sees [kv_lo, kv_hi), and kv_full, below which every row sees every key.
 
     The static item count N = cdiv(T, block_q) + S bounds sum_s cdiv(q_len_s, block_q); unused
     items are empty (q_lo == q_hi, kv_lo == kv_hi) and write nothing.
@@ -180,24 +195,30 @@ def _prefill_items(md, num_tokens, block_q, sliding_window):
     first = jnp.clip(q_lo, 0, num_tokens - 1)
     kv_hi = md.positions[last] + 1
     kv_lo = jnp.zeros_like(kv_hi)
+    # Causal: every row of the block sees keys up to the first row's position. With a window
+    # the fully visible range is narrower; the kernel then masks every block (kv_full = kv_lo).
+    kv_full = md.positions[first] + 1
     if sliding_window is not None:
         kv_lo = jnp.maximum(0, md.positions[first] - sliding_window + 1)
+        kv_full = kv_lo
     zero = jnp.zeros_like(q_lo)
-    items = jnp.stack([jnp.where(valid, q_lo, zero), jnp.where(valid, q_hi, zero),
-                       jnp.where(valid, kv_lo, zero), jnp.where(valid, kv_hi, zero)], axis=1)
+    cols = [q_lo, q_hi, kv_lo, kv_hi, kv_full]
+    items = jnp.stack([jnp.where(valid, c, zero) for c in cols] + [zero] * 3, axis=1)
     return items.astype(jnp.int32), seq
 
 
 def _prefill(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_window, tuning,
-             interpret):
+             block_q, interpret):
     t, h, d = q.shape
     hkv = k_cache.shape[1]
     g = h // hkv
-    bq = tuning.block_q
     padded_group = _next_pow2(g)
-    if bq * padded_group < 16:
-        bq = 16 // padded_group                                 # Triton's dot needs >= 16 rows
-    ppb = tuning.pages_per_block
+    # Triton's dot needs >= 16 rows; block_q is a power of two so rows stay one.
+    bq = block_q or max(1, tuning.block_rows // padded_group)
+    bq = max(bq, -(-16 // padded_group))
+    ppb = _fit_pages_per_block(tuning.pages_per_block, k_cache.shape[3], d,
+                               k_cache.dtype.itemsize, tuning.num_stages,
+                               extra=bq * padded_group * d * q.dtype.itemsize)
     items, seq = _prefill_items(md, t, bq, sliding_window)
     tables = jnp.pad(md.block_tables[seq], ((0, 0), (0, ppb))).astype(jnp.int32)
     qg = jnp.pad(_group(q, hkv, padded_group), ((0, bq), (0, 0), (0, 0), (0, 0)))
@@ -210,33 +231,28 @@ def _prefill(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_win
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "soft_cap", "sliding_window", "max_query_len", "implementation", "interpret",
+    "scale", "soft_cap", "sliding_window", "max_query_len", "interpret",
     "pages_per_block", "num_splits", "block_q", "num_warps", "num_stages"))
 def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
                     soft_cap: float | None = None, sliding_window: int | None = None,
-                    max_query_len: int | None = None, implementation: str = "auto",
-                    interpret: bool = False, pages_per_block: int | None = None,
+                    max_query_len: int | None = None, interpret: bool = False, pages_per_block: int | None = None,
                     num_splits: int | None = None, block_q: int | None = None,
                     num_warps: int | None = None, num_stages: int | None = None):
     """Ragged paged attention, q [T, H, D] -> [T, H, D]; same semantics as ``paged_attention_xla``.
 
-    Static keywords: ``max_query_len`` (1 = decode-only batch -> decode kernel), ``implementation``
-    ("auto", "triton" or "mosaic"), ``interpret`` (CPU interpret mode, for tests), and tuning
+    Static keywords: ``max_query_len`` (1 = decode-only batch -> decode kernel), ``interpret``
+    (CPU interpret mode, for tests), and tuning
     overrides (``pages_per_block``, ``num_splits`` for decode, ``block_q`` for prefill,
     ``num_warps``, ``num_stages``); ``None`` takes the per-GPU table in this module.
     """
     _validate(q, k_cache, v_cache, layer, md, soft_cap, sliding_window, max_query_len)
-    if implementation not in ("auto", "triton", "mosaic"):
-        raise ValueError(f"implementation must be 'auto', 'triton' or 'mosaic', got {implementation!r}")
+    for name, val in (("pages_per_block", pages_per_block), ("block_q", block_q)):
+        if val is not None and not _is_pow2(val):
+            raise ValueError(f"{name} must be a power of two, got {val}")
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     decode = max_query_len == 1
-    if implementation == "mosaic":
-        if not decode:
-            raise ValueError("the Mosaic GPU kernel covers decode only (max_query_len=1)")
-        from pallas_kernels import mosaic_attention  # imported lazily: needs a Hopper GPU
-        return mosaic_attention.decode(q, k_cache, v_cache, layer_arr, md, scale=scale,
-                                       soft_cap=soft_cap, sliding_window=sliding_window,
-                                       pages_per_block=pages_per_block, num_splits=num_splits)
     kind = "interpret" if interpret else _device_kind()
     if decode:
         tuning = _INTERPRET_DECODE if interpret else _lookup(_DECODE_TUNING, kind)
@@ -249,8 +265,9 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
                        interpret=interpret)
     tuning = _INTERPRET_PREFILL if interpret else _lookup(_PREFILL_TUNING, kind)
     tuning = dataclasses.replace(
-        tuning, **{k: v for k, v in (("pages_per_block", pages_per_block), ("block_q", block_q),
+        tuning, **{k: v for k, v in (("pages_per_block", pages_per_block),
                                      ("num_warps", num_warps), ("num_stages", num_stages))
                    if v is not None})
     return _prefill(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
-                    sliding_window=sliding_window, tuning=tuning, interpret=interpret)
+                    sliding_window=sliding_window, tuning=tuning, block_q=block_q,
+                    interpret=interpret)

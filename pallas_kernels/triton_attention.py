@@ -170,13 +170,15 @@ def decode_pallas_call(q_grouped, k_cache, v_cache, layer_arr, kv_lens, token_bl
 def _prefill_body(layer_ref, item_ref, block_table_ref, positions_ref, q_ref, k_ref, v_ref,
                   o_ref, *, scale, soft_cap, sliding_window, pages_per_block, page_size,
                   block_q, precision):
-    # grid = (item, kv_head). item_ref: [4] = (q_lo, q_hi, kv_lo, kv_hi); q/o: whole [T+bq, Hkv, Gp, D].
+    # grid = (item, kv_head). item_ref: [8] = (q_lo, q_hi, kv_lo, kv_hi, kv_full, 0, 0, 0);
+    # q/o: whole [T+bq, Hkv, Gp, D]. Keys in [kv_lo, kv_full) are visible to every row.
     kv_head = pl.program_id(1)
     layer = layer_ref[0]
     q_lo = item_ref[0]
     q_hi = item_ref[1]
     kv_lo = item_ref[2]
     kv_hi = item_ref[3]
+    kv_full = item_ref[4]
     _, _, padded_group, head_dim = q_ref.shape
     rows = block_q * padded_group
     block_k = pages_per_block * page_size
@@ -187,24 +189,28 @@ def _prefill_body(layer_ref, item_ref, block_table_ref, positions_ref, q_ref, k_
     row_pos = jnp.broadcast_to(row_pos[:, None], (block_q, padded_group)).reshape(rows, 1)
     first_page = kv_lo // page_size
     num_blocks = jnp.where(kv_hi > kv_lo, pl.cdiv(kv_hi - first_page * page_size, block_k), 0)
+    # Leading blocks that lie wholly inside [kv_lo, kv_full) skip the mask (most of a long prefill).
+    num_full = jnp.clip((kv_full - first_page * page_size) // block_k, 0, num_blocks)
 
-    def body(i, carry):
+    def body(i, carry, masked):
         page0 = first_page + i * pages_per_block
         page_ids = block_table_ref[pl.ds(page0, pages_per_block)]
         k = k_ref[layer, kv_head, page_ids].reshape(block_k, head_dim)
         v = v_ref[layer, kv_head, page_ids].reshape(block_k, head_dim)
         s = _logits(q, k, scale=scale, soft_cap=soft_cap, precision=precision)
-        key_pos = page0 * page_size + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-        visible = (key_pos <= row_pos) & (key_pos < kv_hi)
-        if sliding_window is not None:
-            visible &= key_pos > row_pos - sliding_window
-        s = jnp.where(visible, s, MASK_VALUE)
+        if masked:
+            key_pos = page0 * page_size + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+            visible = (key_pos <= row_pos) & (key_pos < kv_hi) & (key_pos >= kv_lo)
+            if sliding_window is not None:
+                visible &= key_pos > row_pos - sliding_window
+            s = jnp.where(visible, s, MASK_VALUE)
         return _online_softmax_step(s, v, carry, precision=precision)
 
     init = (jnp.zeros((rows, head_dim), jnp.float32),
             jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    o, _, l = jax.lax.fori_loop(0, num_blocks, body, init)
+    carry = jax.lax.fori_loop(0, num_full, functools.partial(body, masked=False), init)
+    o, _, l = jax.lax.fori_loop(num_full, num_blocks, functools.partial(body, masked=True), carry)
     o = (o / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype).reshape(
         block_q, padded_group, head_dim)
     # Items of neighbouring sequences overlap in the flat buffer: store only this item's rows.
@@ -215,7 +221,7 @@ def _prefill_body(layer_ref, item_ref, block_table_ref, positions_ref, q_ref, k_
 def prefill_pallas_call(q_grouped, k_cache, v_cache, layer_arr, items, item_block_tables,
                         positions, *, scale, soft_cap, sliding_window, pages_per_block, block_q,
                         num_warps, num_stages, interpret):
-    """q_grouped [T + block_q, Hkv, Gp, D] (zero-padded tail); items [N, 4] int32;
+    """q_grouped [T + block_q, Hkv, Gp, D] (zero-padded tail); items [N, 8] int32;
     item_block_tables [N, max_pages + pages_per_block]; positions [T + block_q] -> like q_grouped."""
     num_items = items.shape[0]
     hkv = q_grouped.shape[1]
@@ -229,7 +235,7 @@ def prefill_pallas_call(q_grouped, k_cache, v_cache, layer_arr, items, item_bloc
         grid=(num_items, hkv),
         in_specs=[
             pl.BlockSpec((1,), lambda i, h: (0,)),                                   # layer
-            pl.BlockSpec((None, 4), lambda i, h: (i, 0)),                            # item
+            pl.BlockSpec((None, 8), lambda i, h: (i, 0)),                            # item
             pl.BlockSpec((None, item_block_tables.shape[1]), lambda i, h: (i, 0)),   # block table
             full,                                                                    # positions
             full,                                                                    # q
