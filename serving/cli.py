@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Any, Optional, Sequence
 
 from serving.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, SCHEDULING_POLICIES, EngineArgs
@@ -230,6 +233,28 @@ def parse_serve_args(argv: Sequence[str]) -> tuple[EngineArgs, ServerArgs]:
     return engine_args, server_args
 
 
+def _make_uvicorn_server(config):
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would end
+            # "killed by signal"; a server that drained cleanly exits 0 instead (orchestrators read
+            # a non-zero status as a crash).
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return _Server(config)
+
+
 def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     """Load the engine (blocking: weights, KV cache, compilation), then serve until stopped."""
     import uvicorn
@@ -242,7 +267,7 @@ def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     config = uvicorn.Config(app, host=server_args.host, port=server_args.port, log_level=server_args.uvicorn_log_level,
                             root_path=server_args.root_path, ssl_keyfile=server_args.ssl_keyfile,
                             ssl_certfile=server_args.ssl_certfile, access_log=not server_args.disable_log_requests)
-    server = uvicorn.Server(config)
+    server = _make_uvicorn_server(config)
     # The app asks uvicorn to stop when the engine's device loop dies, so an orchestrator restarts us.
     app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
     asyncio.run(server.serve())
