@@ -49,12 +49,31 @@ class PrefillTuning:
 
 # Tuned per GPU with benchmarks/kernels.py; the key is a substring of jax.Device.device_kind.
 # Measurements justifying each entry are in the comment beside it; "default" is the fallback.
+# H100 shares the H200's entry (same SM count, shared memory and Triton scheduling; only the
+# bandwidth differs) until it is measured on its own.
+_HOPPER_DECODE = DecodeTuning(
+    # H200, JAX 0.11.2, 2026-11-21 sweep (benchmarks/results/2026-11-21-h200-kernels-sweep.json,
+    # bf16, 32q/8kv heads, d128, page 16): single-stage (num_stages=1) with 8-page blocks was the
+    # best or near-best at batch >= 128 (2.21 TB/s at 128 x 4k against 1.68 with 2 stages) and
+    # target 1024 programs beat 4096 at small batch (32 x 2k: 0.75-0.96 vs 0.43-0.67 TB/s);
+    # 8 warps never helped. Sweep spread is about +-15%.
+    pages_per_block=8, target_programs=1024, min_pages_per_split=8, num_warps=4, num_stages=1)
+_HOPPER_PREFILL = PrefillTuning(
+    # Same sweep, causal chunks with 4 q heads per kv head: 128 rows x 128 keys, 8 warps, 2 stages
+    # gave 290 TFLOP/s at 8k and 206 at 4k, the best or within 3% of it; 64-row blocks and
+    # single-stage pipelines lost 10-30%.
+    block_rows=128, pages_per_block=8, num_warps=8, num_stages=2)
 _DECODE_TUNING = {
-    "default": DecodeTuning(pages_per_block=8, target_programs=528, min_pages_per_split=16,
+    "H200": _HOPPER_DECODE,
+    "H100": _HOPPER_DECODE,
+    # Untuned GPUs: the conservative Triton defaults that the first H200 run started from.
+    "default": DecodeTuning(pages_per_block=8, target_programs=1024, min_pages_per_split=16,
                             num_warps=4, num_stages=2),
 }
 _PREFILL_TUNING = {
-    "default": PrefillTuning(block_rows=128, pages_per_block=8, num_warps=4, num_stages=2),
+    "H200": _HOPPER_PREFILL,
+    "H100": _HOPPER_PREFILL,
+    "default": PrefillTuning(block_rows=64, pages_per_block=4, num_warps=4, num_stages=2),
 }
 # Small enough for the CPU interpreter: fewer, smaller blocks keep the tests fast.
 _INTERPRET_DECODE = DecodeTuning(pages_per_block=2, target_programs=1, min_pages_per_split=1,
