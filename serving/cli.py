@@ -22,7 +22,7 @@ import re
 import signal
 import sys
 import threading
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from serving.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, SCHEDULING_POLICIES, EngineArgs
 from serving.server.args import (CHAT_TEMPLATE_CONTENT_FORMATS, DEFAULT_MAX_REQUEST_BODY_BYTES, UVICORN_LOG_LEVELS,

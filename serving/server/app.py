@@ -15,13 +15,13 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from serving.server import prepare as prep
 from serving.server.args import ServerArgs
 from serving.server.chat import create_chat_completion
 from serving.server.completions import create_completion
-from serving.server.errors import APIError, install_handlers
+from serving.server.errors import APIError, error_response, install_handlers
 from serving.server.guard import GuardMiddleware
 from serving.server.metrics import CONTENT_TYPE, ServerMetrics
 from serving.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ResponsesRequest,
@@ -98,8 +98,7 @@ def build_app(engine, args: ServerArgs = ServerArgs()) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         if getattr(engine, "is_dead", False):
-            return JSONResponse({"error": {"message": "engine is dead", "type": "ServiceUnavailableError",
-                                           "param": None, "code": 503}}, status_code=503)
+            return error_response("the engine has stopped; the server is shutting down", 503)
         return Response(status_code=200)
 
     @app.get("/version")

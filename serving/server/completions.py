@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import AsyncIterator, Optional
 
@@ -15,6 +16,8 @@ from serving.server.formatting import completion_logprobs, usage
 from serving.server.metrics import RequestTracker
 from serving.server.protocol import CompletionRequest
 from serving.server.streaming import SSE_DONE, merged_outputs, sse
+
+logger = logging.getLogger("serving.server")
 
 
 class _Choice:
@@ -37,6 +40,8 @@ async def start_jobs(state: prep.ServingState, raw: Request, stem: str, prompts,
     jobs = []
     for i, ((_, ids), params) in enumerate(zip(prompts, params_list)):
         rid = f"{stem}-{i}"
+        if not state.args.disable_log_requests:
+            logger.info("Received request %s: %d prompt tokens, %s", rid, len(ids), params)
         jobs.append((rid, lambda ids=ids, params=params, rid=rid: engine.generate(
             ids, params, rid, priority=priority, cache_salt=cache_salt)))
     stream = merged_outputs(engine, jobs, raw)

@@ -10,7 +10,7 @@ generation config, then to SamplingParams' defaults) from an explicit value.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -132,7 +132,3 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: Optional[str] = None
     tokens: list[int]
-
-
-ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
