@@ -16,6 +16,7 @@ import numpy as np
 
 from model_zoo.config import ModelConfig, UnsupportedArchitectureError, rope_inv_freq
 from model_zoo.loaders.hf_safetensors import CheckpointError
+from model_zoo.loaders.placement import parallel_for
 from model_zoo.params import param_specs
 
 # general.architecture -> Hugging Face class name. Mistral GGUFs say "llama" (see gguf_config).
@@ -208,10 +209,14 @@ class _GGUFReader:
         if self.full is None:
             if self.stacked:
                 first = self._tensor(self.names[0])
-                self.full = np.empty((len(self.names),) + first.shape, self.np_dtype)
-                self.full[0] = first
-                for j, name in enumerate(self.names[1:], start=1):
-                    self.full[j] = self._tensor(name)
+                full = np.empty((len(self.names),) + first.shape, self.np_dtype)
+                full[0] = first
+
+                def fill(j: int) -> None:
+                    full[j + 1] = self._tensor(self.names[j + 1])
+
+                parallel_for(fill, len(self.names) - 1)
+                self.full = full
             else:
                 self.full = np.ascontiguousarray(self._tensor(self.names[0]))
         return np.ascontiguousarray(self.full[index])

@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from model_zoo.config import ModelConfig
+from model_zoo.loaders.placement import parallel_for
 from model_zoo.params import param_specs
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -241,10 +242,14 @@ def _make_reader(sources, transpose: bool, stacked: bool, np_dtype: np.dtype):
 
     def read(index: tuple) -> np.ndarray:
         layer_ids = range(len(sources))[index[0]]
-        first = tensor_block(*sources[layer_ids[0]], index[1:]) if len(layer_ids) else None
-        out = np.empty((len(layer_ids),) + (first.shape if first is not None else ()), np_dtype)
-        for j, layer in enumerate(layer_ids):
-            out[j] = first if j == 0 else tensor_block(*sources[layer], index[1:])
+        first = tensor_block(*sources[layer_ids[0]], index[1:])
+        out = np.empty((len(layer_ids),) + first.shape, np_dtype)
+        out[0] = first
+
+        def fill(j: int) -> None:
+            out[j + 1] = tensor_block(*sources[layer_ids[j + 1]], index[1:])
+
+        parallel_for(fill, len(layer_ids) - 1)
         return out
 
     return read

@@ -10,6 +10,7 @@ and the arrays land in their final sharding without a second copy.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable, Iterable, Mapping
 
@@ -109,6 +110,26 @@ def place_all(specs: Mapping[str, tuple[tuple, tuple]], readers: Mapping[str, Re
             timer.bar.close()
     timer.finish()
     return {name: out[name] for name in specs}
+
+
+_POOL = None
+
+
+def parallel_for(fn: Callable[[int], None], n: int) -> None:
+    """Run fn(0..n-1) on a small thread pool: numpy's copies, casts and GGUF dequantization
+    release the GIL, so layers of one parameter are read concurrently."""
+    global _POOL
+    if n <= 1:
+        for i in range(n):
+            fn(i)
+        return
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                   thread_name_prefix="jaxllm-load")
+    for future in [_POOL.submit(fn, i) for i in range(n)]:
+        future.result()  # re-raises the first error, e.g. a CheckpointError
 
 
 def full_index(shape: tuple) -> tuple:
