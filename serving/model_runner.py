@@ -79,8 +79,9 @@ class ModelRunner:
         self.last_step: StepStats | None = None
 
     # ------------------------------------------------------------------ compile
-    def _step_fn(self, state, kv_cache, sampler_state, tokens, md, logits_indices, sampling_md, step_key):
+    def _step_fn(self, state, kv_cache, sampler_state, tokens, md, logits_indices, sampling_md, step_idx):
         model = nnx.merge(self.graphdef, state)
+        step_key = jax.random.fold_in(self._base_key, step_idx)
         logits, kv_cache = model(tokens, kv_cache, md, logits_indices)
         out, sampler_state = smp.sample(logits, sampling_md, sampler_state, step_key,
                                         num_logprobs=self.max_logprobs)
@@ -99,7 +100,7 @@ class ModelRunner:
         shapes = self.ladder.all_shapes()
         start = time.perf_counter()
         jitted = jax.jit(self._step_fn, donate_argnums=(1, 2))
-        key = jax.ShapeDtypeStruct(self._base_key.shape, self._base_key.dtype)
+        key = jax.ShapeDtypeStruct((), jnp.uint32)
         bar = tqdm(shapes, desc="Compiling buckets", unit="exe", disable=not progress)
         for shape in bar:
             bar.set_postfix_str(f"tokens={shape[0]} seqs={shape[1]} pages={shape[2]}")
@@ -203,12 +204,12 @@ class ModelRunner:
         md = AttentionMetadata(positions=positions, token_seq_ids=seq_ids, slot_mapping=slot_mapping.astype(np.int32),
                                block_tables=block_tables, seq_lens=seq_lens, query_start_loc=qsl)
         sampling_md = smp.build_sampling_metadata(sample_rows, s_pad)
-        step_key = jax.random.fold_in(self._base_key, self._step_count)
+        step_idx = np.uint32(self._step_count)
         self._step_count += 1
 
         exe = self._executables[(t_pad, s_pad, p_pad)]
         out, self.kv_cache, self.sampler_state = exe(
-            self.state, self.kv_cache, self.sampler_state, tokens, md, logits_indices, sampling_md, step_key)
+            self.state, self.kv_cache, self.sampler_state, tokens, md, logits_indices, sampling_md, step_idx)
         out = jax.device_get(out)   # the step's only device -> host copy
 
         sampled: dict[str, tuple[int, ...]] = {}
