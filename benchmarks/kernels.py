@@ -177,8 +177,8 @@ def bench_decode(batch, ctx, copy_bw, tune, budget):
     sets = decode_inputs(batch, ctx, copies)
     iters = max(3, min(200, int(2e9 / kv_bytes)))
     calls = max(copies, 4)
-    row["l2_resident"] = copies * kv_bytes < 3 * 60e6      # working set within ~3x H200's L2
-    row = dict(batch=batch, context=ctx, kv_bytes=kv_bytes)
+    row = dict(batch=batch, context=ctx, kv_bytes=kv_bytes,
+               l2_resident=copies * kv_bytes < 3 * 60e6)  # working set within ~3x H200's L2
     scale = D ** -0.5
 
     def run(name, fn):
