@@ -78,10 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = _Parser(prog="jaxllm", description="jaxllm: an OpenAI-compatible LLM server on JAX/XLA",
                      formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{serve,convert}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{serve,bench,convert}", parser_class=_Parser)
     serve = sub.add_parser("serve", help="serve a model over the OpenAI-compatible HTTP API", formatter_class=fmt,
                            description="Serve MODEL (default: the embedded SmolLM2-135M-Instruct) over HTTP.")
     sub.add_parser("convert", help="convert a checkpoint (see `jaxllm convert --help`)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: serve | throughput | buckets (see `jaxllm bench --help`)",
+                   add_help=False)
 
     serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                        help="model path, Hugging Face id or GGUF file; none: the embedded default")
@@ -282,6 +284,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "convert":
         from model_zoo.convert import main as convert_main
         return convert_main(argv[1:]) or 0
+    if argv and argv[0] == "bench":
+        from serving.bench.cli import main as bench_main
+        return bench_main(argv[1:]) or 0
     parser = build_parser()
     try:
         if not argv or argv[0] != "serve":
