@@ -16,7 +16,7 @@ import numpy as np
 
 from model_zoo.config import ModelConfig, UnsupportedArchitectureError, rope_inv_freq
 from model_zoo.loaders.hf_safetensors import CheckpointError
-from model_zoo.loaders.placement import parallel_for
+from model_zoo.loaders.placement import ParamSource, parallel_for
 from model_zoo.params import param_specs
 
 # general.architecture -> Hugging Face class name. Mistral GGUFs say "llama" (see gguf_config).
@@ -189,27 +189,26 @@ def _gguf_dtype(gf: GGUFFile) -> str:
     return "bfloat16"
 
 
-class _GGUFReader:
-    """Reads one of our parameters: dequantizes its tensors once into a host buffer, serves
-    blocks of it to the placement callback, and drops the buffer on release()."""
+class _GGUFSource:
+    """One of our parameters from GGUF: its tensors are dequantized once into a float32 host
+    buffer in the stored [layers?, out, in] layout (transpose and cast run on device), blocks of
+    it are served to the placement callback, and release() drops it."""
 
-    def __init__(self, gf: GGUFFile, names: list[str], transpose: bool, stacked: bool,
-                 permute_heads: int | None, np_dtype: np.dtype):
-        self.gf, self.names, self.transpose, self.stacked = gf, names, transpose, stacked
-        self.permute_heads, self.np_dtype = permute_heads, np_dtype
+    def __init__(self, gf: GGUFFile, names: list[str], stacked: bool, permute_heads: int | None):
+        self.gf, self.names, self.stacked, self.permute_heads = gf, names, stacked, permute_heads
         self.full: np.ndarray | None = None
 
     def _tensor(self, name: str) -> np.ndarray:
         w = self.gf.dequantize(name)
         if self.permute_heads is not None:
             w = _reverse_rope_permute(w, self.permute_heads)
-        return (w.T if self.transpose else w).astype(self.np_dtype)
+        return w
 
-    def __call__(self, index: tuple) -> np.ndarray:
+    def read(self, index: tuple) -> np.ndarray:
         if self.full is None:
             if self.stacked:
                 first = self._tensor(self.names[0])
-                full = np.empty((len(self.names),) + first.shape, self.np_dtype)
+                full = np.empty((len(self.names),) + first.shape, np.float32)
                 full[0] = first
 
                 def fill(j: int) -> None:
@@ -225,10 +224,9 @@ class _GGUFReader:
         self.full = None
 
 
-def gguf_readers(gf: GGUFFile, config: ModelConfig, dtype) -> tuple[dict, dict]:
+def gguf_readers(gf: GGUFFile, config: ModelConfig, dtype=None) -> tuple[dict, dict]:
     """Validate the file against `config`; return (specs, name -> reader)."""
     specs = param_specs(config)
-    np_dtype = np.dtype(dtype)
     llama_layout = gf.field("general.architecture") == "llama"
     readers = {}
     for name, (shape, _axes) in specs.items():
@@ -252,5 +250,6 @@ def gguf_readers(gf: GGUFFile, config: ModelConfig, dtype) -> tuple[dict, dict]:
             permute = config.num_heads
         elif llama_layout and name in ("layers/wk", "layers/bk"):
             permute = config.num_kv_heads
-        readers[name] = _GGUFReader(gf, names, transpose, stacked, permute, np_dtype)
+        src = _GGUFSource(gf, names, stacked, permute)
+        readers[name] = ParamSource(src.read, np.dtype(np.float32), transpose, src.release)
     return specs, readers

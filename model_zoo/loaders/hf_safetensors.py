@@ -17,13 +17,11 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Callable
-
 import ml_dtypes
 import numpy as np
 
 from model_zoo.config import ModelConfig
-from model_zoo.loaders.placement import parallel_for
+from model_zoo.loaders.placement import ParamSource, parallel_for
 from model_zoo.params import param_specs
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -187,8 +185,8 @@ def hf_tensor_names(name: str, num_layers: int) -> list[str]:
     return [template]
 
 
-def safetensors_readers(model_dir: str | os.PathLike, config: ModelConfig, dtype
-                        ) -> tuple[dict, dict[str, Callable[[tuple], np.ndarray]]]:
+def safetensors_readers(model_dir: str | os.PathLike, config: ModelConfig, dtype=None
+                        ) -> tuple[dict, dict[str, ParamSource]]:
     """Validate the checkpoint against `config` and return (specs, name -> reader).
 
     Every tensor's presence, dtype and shape is checked here, from the headers alone, so errors
@@ -196,7 +194,6 @@ def safetensors_readers(model_dir: str | os.PathLike, config: ModelConfig, dtype
     """
     ckpt = HFCheckpoint(model_dir)
     specs = param_specs(config)
-    np_dtype = np.dtype(dtype)
     readers = {}
     for name, (shape, _axes) in specs.items():
         _, transpose = _HF_NAMES[name]
@@ -225,25 +222,28 @@ def safetensors_readers(model_dir: str | os.PathLike, config: ModelConfig, dtype
                     f"heads of dim {config.head_dim}, intermediate {config.intermediate_size}, "
                     f"vocab {config.vocab_size})")
             sources.append((f, hf_name))
-        readers[name] = _make_reader(sources, transpose, name.startswith("layers/"), np_dtype)
+        readers[name] = _make_source(sources, transpose, name.startswith("layers/"))
     return specs, readers
 
 
-def _make_reader(sources, transpose: bool, stacked: bool, np_dtype: np.dtype):
+def _make_source(sources, transpose: bool, stacked: bool) -> ParamSource:
+    """Blocks of the parameter as stored: [layers?, out, in] in the checkpoint's dtype (float64
+    narrowed to float32, which is all JAX holds without x64). Transpose and cast happen on device."""
+    first_dtype = sources[0][0].tensor(sources[0][1]).dtype
+    host_dtype = np.dtype(np.float32) if first_dtype == np.float64 else first_dtype
+
     def tensor_block(f: SafetensorsFile, hf_name: str, index: tuple) -> np.ndarray:
-        t = f.tensor(hf_name)
-        if transpose:
-            t = t.T
-        return np.asarray(t[index]).astype(np_dtype, copy=False)
+        return np.asarray(f.tensor(hf_name)[index]).astype(host_dtype, copy=False)
 
     if not stacked:
         (f, hf_name), = sources
-        return lambda index: np.ascontiguousarray(tensor_block(f, hf_name, index))
+        return ParamSource(lambda index: np.ascontiguousarray(tensor_block(f, hf_name, index)),
+                           host_dtype, transpose)
 
     def read(index: tuple) -> np.ndarray:
         layer_ids = range(len(sources))[index[0]]
         first = tensor_block(*sources[layer_ids[0]], index[1:])
-        out = np.empty((len(layer_ids),) + first.shape, np_dtype)
+        out = np.empty((len(layer_ids),) + first.shape, host_dtype)
         out[0] = first
 
         def fill(j: int) -> None:
@@ -252,7 +252,7 @@ def _make_reader(sources, transpose: bool, stacked: bool, np_dtype: np.dtype):
         parallel_for(fill, len(layer_ids) - 1)
         return out
 
-    return read
+    return ParamSource(read, host_dtype, transpose)
 
 
 def checkpoint_dtype(model_dir: str | os.PathLike) -> str | None:
