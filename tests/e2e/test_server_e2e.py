@@ -208,6 +208,28 @@ def test_metrics_after_traffic(base_url):
         assert "jaxllm:" + name in text, name
 
 
+def test_client_disconnect_aborts_the_request(base_url, model):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def metric(name: str) -> float:
+        text = httpx.get(base_url + "/metrics", headers=auth).text
+        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"jaxllm:{name}{{"))
+
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, headers=auth, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break   # one chunk, then hang up
+    time.sleep(1.0)
+    generated = metric("generation_tokens_total")
+    time.sleep(1.5)
+    assert metric("generation_tokens_total") == generated   # the engine stopped generating for it
+    # Engine gauges refresh on a step: run one small request, then nothing may be left running.
+    httpx.post(base_url + "/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 1},
+               headers=auth, timeout=60)
+    assert metric("num_requests_running") == 0 and metric("num_requests_waiting") == 0
+
+
 def test_sigterm_exits_cleanly(server, base_url):
     proc, _, log_path = server
     proc.send_signal(signal.SIGTERM)
