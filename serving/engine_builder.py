@@ -26,8 +26,11 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 # Defaults per platform when the user gives none: GPUs take big batches; the 2-core CPU machines
 # want few, small executables.
+# On CPU the XLA attention gathers each token's whole block table, so the default context is capped
+# too (an explicit --max-model-len still goes up to the model's limit).
 _GPU_DEFAULTS = dict(max_num_batched_tokens=2048)
-_CPU_DEFAULTS = dict(max_num_batched_tokens=256, max_num_seqs=64)
+_CPU_DEFAULTS = dict(max_num_batched_tokens=128, max_num_seqs=32, max_model_len=2048,
+                     token_buckets=(16, 128), seq_buckets=(8, 32))
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -81,10 +84,22 @@ def build_engine_parts(args: EngineArgs) -> dict:
         tokenizer = load_tokenizer(resolved.tokenizer_path, gguf_file=resolved.gguf_file,
                                    revision=args.revision)
 
+    layout = None
+    if args.tensor_parallel_size * args.pipeline_parallel_size > 1 or args.sharding_rules is not None \
+            or jax.process_count() > 1:
+        from sharding import build_layout
+
+        layout = build_layout(config, tensor_parallel_size=args.tensor_parallel_size,
+                              pipeline_parallel_size=args.pipeline_parallel_size,
+                              rules=args.sharding_rules)
+        logger.info("Sharding: %s", layout.describe())
+
     t0 = time.perf_counter()
-    params = load_weights(resolved, dtype)
+    params = load_weights(resolved, dtype, sharding_for=layout.sharding_for if layout else None)
     attn_name, attn_fn = _attention_fn(args.attention_backend, platform)
     model = build_model(config, params, attention_fn=attn_fn)
+    if layout is not None:
+        layout.attach(model)
     logger.info("Weights ready in %.1f s; attention backend: %s", time.perf_counter() - t0, attn_name)
 
     defaults = _GPU_DEFAULTS if platform == "gpu" else _CPU_DEFAULTS
@@ -96,19 +111,23 @@ def build_engine_parts(args: EngineArgs) -> dict:
         config, page_size=args.block_size, dtype_bytes=jnp.dtype(dtype).itemsize, platform=platform,
         gpu_memory_utilization=args.gpu_memory_utilization,
         num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory=args.kv_cache_memory,
-        max_model_len=args.max_model_len, device_memory=mem,
+        max_model_len=args.max_model_len, default_max_model_len=defaults.get("max_model_len"),
+        device_memory=mem,
         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     max_model_len = kv_plan.max_model_len
     logger.info("KV cache: %d pages of %d tokens (%.2f GiB); maximum concurrency for %d tokens per "
                 "request: %.2fx", kv_plan.num_pages - 1, kv_plan.page_size, kv_plan.total_bytes / 2 ** 30,
                 max_model_len, kv_plan.max_concurrency())
     max_num_seqs = min(max_num_seqs, kv_plan.num_pages - 1)
-    kv_cache = init_kv_cache(config, kv_plan.num_pages, kv_plan.page_size, dtype)
+    kv_cache = init_kv_cache(config, kv_plan.num_pages, kv_plan.page_size, dtype,
+                             sharding=layout.kv_cache_sharding() if layout else None)
 
     max_pages_per_seq = -(-max_model_len // kv_plan.page_size)
     ladder = BucketLadder.build(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                max_pages_per_seq=max_pages_per_seq, token_buckets=args.token_buckets,
-                                seq_buckets=args.seq_buckets, paged_width_buckets=attn_name == "xla")
+                                max_pages_per_seq=max_pages_per_seq,
+                                token_buckets=args.token_buckets or defaults.get("token_buckets"),
+                                seq_buckets=args.seq_buckets or defaults.get("seq_buckets"),
+                                paged_width_buckets=attn_name == "xla")
     gen_eos = resolved.generation_config.get("eos_token_id")
     gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
     tok_eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
@@ -116,7 +135,7 @@ def build_engine_parts(args: EngineArgs) -> dict:
     runner = ModelRunner(model, num_pages=kv_plan.num_pages, page_size=kv_plan.page_size,
                          max_model_len=max_model_len, max_num_seqs=max_num_seqs, ladder=ladder,
                          kv_cache=kv_cache, max_logprobs=args.max_logprobs, seed=args.seed,
-                         eos_token_ids=eos)
+                         eos_token_ids=eos, layout=layout)
     runner.compile_all()
     scheduler = Scheduler(num_pages=kv_plan.num_pages, page_size=kv_plan.page_size,
                           max_model_len=max_model_len, max_num_seqs=max_num_seqs,

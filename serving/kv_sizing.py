@@ -43,7 +43,8 @@ def activation_reserve_bytes(config: ModelConfig, max_num_batched_tokens: int, m
 def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype_bytes: int, platform: str,
                   gpu_memory_utilization: float, num_gpu_blocks_override: int | None,
                   kv_cache_memory: int | None, max_model_len: int | None, device_memory: dict | None,
-                  max_num_batched_tokens: int, max_num_seqs: int, num_shards: int = 1) -> KVCachePlan:
+                  max_num_batched_tokens: int, max_num_seqs: int, num_shards: int = 1,
+                  default_max_model_len: int | None = None) -> KVCachePlan:
     """Size the page pool.
 
     On GPU: ``gpu_memory_utilization`` x device memory, minus what is already in use (the weights)
@@ -82,6 +83,7 @@ def plan_kv_cache(config: ModelConfig, *, page_size: int, dtype_bytes: int, plat
                 f"({capacity} tokens in {num_pages - 1} pages). Lower --max-model-len or give the cache more memory.")
         model_len = max_model_len
     else:
-        model_len = min(model_len, capacity)
+        # Default: the model's context, capped by the cache (and by a platform default if given).
+        model_len = min(model_len, capacity, default_max_model_len or model_len)
     return KVCachePlan(num_pages=int(num_pages), page_size=page_size, bytes_per_page=bytes_per_page,
                        max_model_len=int(model_len))

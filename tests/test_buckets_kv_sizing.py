@@ -1,0 +1,65 @@
+import pytest
+
+from model_zoo.config import BUILTIN_CONFIGS
+from serving.buckets import BucketLadder
+from serving.kv_sizing import plan_kv_cache
+
+LLAMA8B = BUILTIN_CONFIGS["llama-3.1-8b"]
+
+
+def test_ladder_tops_are_the_engine_limits_and_select_fits():
+    b = BucketLadder.build(max_num_batched_tokens=2048, max_num_seqs=256, max_pages_per_seq=512,
+                           paged_width_buckets=False)
+    assert b.token_buckets[-1] == 2048 and b.seq_buckets[-1] == 256 and b.page_buckets == (512,)
+    assert b.select(1, 1, 3) == (16, 8, 512)
+    assert b.select(17, 9, 512) == (64, 32, 512)
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        b.select(2049, 1, 1)
+    user = BucketLadder.build(max_num_batched_tokens=100, max_num_seqs=8, max_pages_per_seq=8,
+                              token_buckets=(16, 64, 512), seq_buckets=(4,), paged_width_buckets=False)
+    assert user.token_buckets == (16, 64, 100) and user.seq_buckets == (4, 8)
+
+
+def test_all_shapes_cover_every_selectable_step():
+    b = BucketLadder.build(max_num_batched_tokens=256, max_num_seqs=64, max_pages_per_seq=128)
+    shapes = set(b.all_shapes())
+    for tokens in range(1, 257, 7):
+        for seqs in range(1, min(tokens, 64) + 1, 5):
+            for pages in (1, 9, 128):
+                assert b.select(tokens, seqs, pages) in shapes
+    # Never a sequence bucket that no token count can fill.
+    assert (16, 64, 8) not in shapes
+
+
+def test_kv_plan_cpu_bytes_and_caps():
+    plan = plan_kv_cache(LLAMA8B, page_size=16, dtype_bytes=2, platform="cpu", gpu_memory_utilization=0.9,
+                         num_gpu_blocks_override=None, kv_cache_memory=2 ** 30, max_model_len=None,
+                         device_memory=None, max_num_batched_tokens=256, max_num_seqs=8)
+    per_page = 2 * 32 * 8 * 128 * 2 * 16
+    assert plan.bytes_per_page == per_page and plan.num_pages == 2 ** 30 // per_page
+    assert plan.max_model_len == (plan.num_pages - 1) * 16       # capped by the cache
+    with pytest.raises(ValueError, match="larger than the KV cache can hold"):
+        plan_kv_cache(LLAMA8B, page_size=16, dtype_bytes=2, platform="cpu", gpu_memory_utilization=0.9,
+                      num_gpu_blocks_override=None, kv_cache_memory=2 ** 30, max_model_len=100_000,
+                      device_memory=None, max_num_batched_tokens=256, max_num_seqs=8)
+    with pytest.raises(ValueError, match="model's context length"):
+        plan_kv_cache(LLAMA8B, page_size=16, dtype_bytes=2, platform="cpu", gpu_memory_utilization=0.9,
+                      num_gpu_blocks_override=None, kv_cache_memory=2 ** 40, max_model_len=200_000,
+                      device_memory=None, max_num_batched_tokens=256, max_num_seqs=8)
+
+
+def test_kv_plan_gpu_uses_utilization_minus_weights_and_override_wins():
+    mem = {"bytes_limit": 80 * 2 ** 30, "bytes_in_use": 16 * 2 ** 30}
+    plan = plan_kv_cache(LLAMA8B, page_size=16, dtype_bytes=2, platform="gpu", gpu_memory_utilization=0.9,
+                         num_gpu_blocks_override=None, kv_cache_memory=None, max_model_len=8192,
+                         device_memory=mem, max_num_batched_tokens=2048, max_num_seqs=256)
+    assert 50 * 2 ** 30 < plan.total_bytes < 0.9 * 80 * 2 ** 30 - 16 * 2 ** 30
+    assert plan.max_concurrency() > 50
+    over = plan_kv_cache(LLAMA8B, page_size=16, dtype_bytes=2, platform="gpu", gpu_memory_utilization=0.9,
+                         num_gpu_blocks_override=1000, kv_cache_memory=None, max_model_len=None,
+                         device_memory=mem, max_num_batched_tokens=2048, max_num_seqs=256)
+    assert over.num_pages == 1000 and over.max_model_len == 999 * 16
+    with pytest.raises(ValueError, match="Not enough memory"):
+        plan_kv_cache(LLAMA8B, page_size=16, dtype_bytes=2, platform="gpu", gpu_memory_utilization=0.2,
+                      num_gpu_blocks_override=None, kv_cache_memory=None, max_model_len=None,
+                      device_memory=mem, max_num_batched_tokens=2048, max_num_seqs=256)
