@@ -36,7 +36,7 @@ def dummy_params(config: ModelConfig, dtype, *, sharding_for: ShardingFor | None
     dtype = jnp.dtype(dtype)
     specs = param_specs(config)
     total = sum(math.prod(shape) * dtype.itemsize for shape, _ in specs.values())
-    timer = LoadTimer("dummy weights", total, progress, desc="Generating dummy weights")
+    timer = LoadTimer("random init", total, progress, desc="Generating dummy weights")
     root = jax.random.key(seed)
     out = {}
     for i, (name, (shape, axes)) in enumerate(specs.items()):
