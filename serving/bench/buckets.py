@@ -13,7 +13,7 @@ its code and scratch, while a ladder finer than needed buys little once padding 
 from __future__ import annotations
 
 import gc
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from serving.bench.datasets import SampleRequest
 from serving.bench.throughput import build_llm, run_engine_workload, throughput_results, warm_up
@@ -64,7 +64,11 @@ def _memory_figures(llm) -> dict:
     return out
 
 
-def run_ladder(engine_kwargs: dict, spec: str, requests: Sequence[SampleRequest], *, seed: int = 0) -> dict:
+def run_ladder(engine_kwargs: dict, spec: str,
+               requests: Union[Sequence[SampleRequest], Callable[[object], Sequence[SampleRequest]]], *,
+               seed: int = 0) -> tuple[dict, list[SampleRequest]]:
+    """Build the engine with this ladder, run the workload; returns (table row, the requests).
+    ``requests`` may be a factory of the built LLM (the dataset needs its tokenizer)."""
     label, tokens, seqs = parse_ladder_spec(spec)
     kwargs = dict(engine_kwargs)
     if tokens is not None:
@@ -75,6 +79,8 @@ def run_ladder(engine_kwargs: dict, spec: str, requests: Sequence[SampleRequest]
     llm = built.llm
     try:
         ladder = llm.engine.runner.ladder
+        if callable(requests):
+            requests = list(requests(llm))
         warm_up(llm, requests)
         results, duration, counters = run_engine_workload(llm, requests, seed=seed)
         res = throughput_results(results, duration, counters)
@@ -91,7 +97,7 @@ def run_ladder(engine_kwargs: dict, spec: str, requests: Sequence[SampleRequest]
         # Free this ladder's weights, KV cache and executables before the next one is built.
         del llm, built
         gc.collect()
-    return row
+    return row, list(requests)
 
 
 def choose_ladder(rows: Sequence[dict], tolerance: float = 0.05) -> tuple[dict, str]:

@@ -166,17 +166,25 @@ def engine_kwargs(ns: argparse.Namespace) -> dict:
     return kwargs
 
 
-def engine_token_source(kwargs: dict) -> ds.TokenSource:
-    """The dataset's vocabulary from the engine's model without building the engine."""
-    from model_zoo.loader import resolve_model
-    from serving.tokenizer import load_tokenizer
+def engine_token_source(llm) -> ds.TokenSource:
+    """The dataset's vocabulary from a built engine (its tokenizer, or ids only for dummy weights);
+    reusing the engine's tokenizer saves loading it twice."""
+    vocab = llm.engine.model_config.vocab_size
+    if llm.tokenizer is None:
+        return ds.TokenSource(vocab_size=vocab)
+    return ds.TokenSource(llm.tokenizer, vocab_size=vocab)
 
-    resolved = resolve_model(kwargs.get("model"), load_format=kwargs.get("load_format") or "auto",
-                             tokenizer=kwargs.get("tokenizer"))
-    if resolved.tokenizer_path is None:
-        return ds.TokenSource(vocab_size=resolved.config.vocab_size)
-    tok = load_tokenizer(str(resolved.tokenizer_path), gguf_file=resolved.gguf_file)
-    return ds.TokenSource(tok, vocab_size=resolved.config.vocab_size)
+
+def _check_dataset_flags(ns: argparse.Namespace) -> None:
+    """The dataset is built after the (slow) engine; catch a missing file before it."""
+    if ns.dataset_name == "custom" and not (ns.dataset_path and os.path.isfile(ns.dataset_path)):
+        raise ValueError(f"--dataset-name custom needs --dataset-path FILE.jsonl (got {ns.dataset_path!r})")
+
+
+def _engine_requests(ns: argparse.Namespace):
+    """A factory: the dataset needs the engine's tokenizer, so it is built after the first engine."""
+    return lambda llm: ds.build_dataset(ns.dataset_name, engine_token_source(llm), ns.num_prompts, seed=ns.seed,
+                                        **dataset_kwargs(ns))
 
 
 def serve_token_source(tokenizer: Optional[str], model: str, vocab_size: Optional[int]) -> Optional[ds.TokenSource]:
@@ -284,10 +292,10 @@ def cmd_throughput(ns: argparse.Namespace) -> int:
                                           warm_up)
 
     kwargs = engine_kwargs(ns)
-    source = engine_token_source(kwargs)
-    requests = ds.build_dataset(ns.dataset_name, source, ns.num_prompts, seed=ns.seed, **dataset_kwargs(ns))
+    _check_dataset_flags(ns)
     built = build_llm(kwargs)
     llm = built.llm
+    requests = _engine_requests(ns)(llm)
     warm_up(llm, requests)
     results, duration, counters = run_engine_workload(llm, requests, seed=ns.seed,
                                                       detokenize=False if ns.disable_detokenize else None)
@@ -312,12 +320,13 @@ def cmd_buckets(ns: argparse.Namespace) -> int:
     for spec in specs:
         parse_ladder_spec(spec)           # every spec checked before the first (slow) engine build
     kwargs = engine_kwargs(ns)
-    source = engine_token_source(kwargs)
-    requests = ds.build_dataset(ns.dataset_name, source, ns.num_prompts, seed=ns.seed, **dataset_kwargs(ns))
+    _check_dataset_flags(ns)
+    make_requests, requests = _engine_requests(ns), None
     rows = []
     for spec in specs:
         print(f"Ladder {spec}: building and compiling ...", flush=True)
-        rows.append(run_ladder(kwargs, spec, requests, seed=ns.seed))
+        row, requests = run_ladder(kwargs, spec, requests or make_requests, seed=ns.seed)
+        rows.append(row)
     pick, why = choose_ladder(rows, ns.tolerance)
     print(format_ladder_table(rows))
     print(f"\nRecommended ladder: {pick['ladder']} (tokens {pick['token_buckets']}, seqs {pick['seq_buckets']}). {why}")

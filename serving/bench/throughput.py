@@ -149,6 +149,7 @@ def throughput_results(results: Sequence[RequestResult], duration: float, counte
         "output_tokens_per_second": output_tokens / duration,
         # Padded tokens the device computed for nothing, as a share of the real ones.
         "padding_waste_pct": 100.0 * (padded - scheduled) / scheduled if scheduled else 0.0,
+        "scheduled_tokens": scheduled, "padded_tokens": padded,
         "num_steps": counters.get("num_steps", 0),
         "compilations_during_run": counters.get("compilations", 0),
         "num_preemptions": counters.get("num_preemptions", 0),
