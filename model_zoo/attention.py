@@ -6,8 +6,8 @@ KV cache layout (one array for K, one for V), shared by every backend:
 
 A token at absolute position ``p`` of a sequence lives in page ``block_table[p // page_size]`` at
 offset ``p % page_size``; its flat slot is ``page * page_size + offset``. Page 0 is the null page:
-padding tokens write there and padding block-table entries point there, and nothing valid ever
-reads it (lengths mask it out).
+padding block-table entries point there, and nothing valid ever reads it (lengths mask it out).
+Padding tokens get an out-of-range slot and write nothing.
 
 The batch is flat and ragged: the tokens of sequence ``s`` are ``tokens[query_start_loc[s]:
 query_start_loc[s+1]]``, at positions ``seq_lens[s] - q_len .. seq_lens[s] - 1`` (causal: a query at
@@ -34,21 +34,28 @@ class AttentionMetadata:
 
 
 def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
-    """Scatter this step's keys/values ``[T, Hkv, D]`` into ``layer`` of the caches (in place when donated)."""
-    num_layers, hkv, num_pages, page_size, d = k_cache.shape
+    """Scatter this step's keys/values ``[T, Hkv, D]`` into ``layer`` of the caches (in place when donated).
+
+    A slot at or past ``num_pages * page_size`` is dropped: padding tokens write nothing, so their
+    (possibly non-finite) values never reach a page a kernel reads."""
+    page_size = k_cache.shape[3]
     pages = slot_mapping // page_size
     offs = slot_mapping % page_size
-    heads = jnp.arange(hkv)[None, :]
-    k_cache = k_cache.at[layer, heads, pages[:, None], offs[:, None]].set(
-        k.astype(k_cache.dtype), mode="promise_in_bounds", unique_indices=False)
-    v_cache = v_cache.at[layer, heads, pages[:, None], offs[:, None]].set(
-        v.astype(v_cache.dtype), mode="promise_in_bounds", unique_indices=False)
+    # The heads axis is a slice (a window dimension of the scatter), not an index array: a KV
+    # cache sharded on heads then scatters shard-locally, with no all-gather of k/v per layer.
+    k_cache = k_cache.at[layer, :, pages, offs].set(
+        k.astype(k_cache.dtype), mode="drop", unique_indices=False)
+    v_cache = v_cache.at[layer, :, pages, offs].set(
+        v.astype(v_cache.dtype), mode="drop", unique_indices=False)
     return k_cache, v_cache
 
 
 def paged_attention_xla(q, k_cache, v_cache, layer, md: AttentionMetadata, *, scale: float,
-                        soft_cap: float | None = None, sliding_window: int | None = None):
+                        soft_cap: float | None = None, sliding_window: int | None = None,
+                        max_query_len: int | None = None):
     """Plain-jnp ragged paged attention: gathers each token's sequence pages. q: [T, H, D] -> [T, H, D].
+
+    ``max_query_len`` is the runner's static hint (1 = decode-only step); this path needs none.
 
     Memory is O(T x max_pages x page_size): the CPU default and the GPU fallback, not the fast path.
     """

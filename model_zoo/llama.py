@@ -56,6 +56,16 @@ class LlamaForCausalLM(nnx.Module):
         self._inv_freq = inv_freq.astype(np.float32)   # static constant, not a parameter
         self._rope_mscale = mscale
 
+    # Sharding hooks, set by sharding.ShardingLayout.attach (model code names logical axes only):
+    # constrain(x, logical_axes) places an activation; layer_stack(layer_fn, h, kv, params,
+    # per_token, shared) runs the stacked layers (e.g. as pipeline stages). None: no constraint,
+    # one plain scan (scan_layers).
+    constrain = None
+    layer_stack = None
+
+    def _shard(self, x, logical_axes):
+        return x if self.constrain is None else self.constrain(x, logical_axes)
+
     # ---------------------------------------------------------------- pieces
     @property
     def dtype(self):
@@ -93,10 +103,11 @@ class LlamaForCausalLM(nnx.Module):
             q, k = self._rms(q, p["q_norm"]), self._rms(k, p["k_norm"])
         q, k = self._rope(q, positions), self._rope(k, positions)
         o = attend(q, k, v)
-        h = h + o.reshape(t, c.num_heads * c.head_dim) @ p["wo"]
+        resid = ("act_tokens", "act_embed")
+        h = self._shard(h + o.reshape(t, c.num_heads * c.head_dim) @ p["wo"], resid)
         x = self._rms(h, p["mlp_norm"])
         mlp = (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]
-        return h + mlp
+        return self._shard(h + mlp, resid)
 
     def _layer_params(self):
         return {name: var[...] for name, var in vars(self.layers).items()
@@ -111,37 +122,51 @@ class LlamaForCausalLM(nnx.Module):
         return logits.astype(jnp.float32)
 
     # ---------------------------------------------------------------- forwards
-    def __call__(self, tokens, kv_cache, md: AttentionMetadata, logits_indices):
+    def __call__(self, tokens, kv_cache, md: AttentionMetadata, logits_indices, *, return_hidden: bool = False):
         """Serving forward.
 
         tokens: [T] int32; kv_cache: (k_cache, v_cache) each [L, Hkv, P, page, D];
         logits_indices: [S] int32 rows of the flat batch whose logits are returned.
-        Returns (logits [S, V] float32, new kv_cache).
+        Returns (logits [S, V] float32, new kv_cache), plus the final hidden states [T, E] (before the
+        final norm; feed them to ``logits_from_hidden``) when ``return_hidden``.
         """
         c = self.config
         scale = c.head_dim ** -0.5
-        h = jnp.take(self.embed[...], tokens, axis=0)
+        h = self._shard(jnp.take(self.embed[...], tokens, axis=0), ("act_tokens", "act_embed"))
+        # Per-token metadata may be split into pipeline micro-batches; per-sequence metadata is not.
+        pad_slots = jnp.arange(tokens.shape[0], dtype=jnp.int32) % kv_cache[0].shape[3]  # null page
+        per_token = (md.positions, md.token_seq_ids, md.slot_mapping, pad_slots)
+        shared = (md.block_tables, md.seq_lens, md.query_start_loc)
 
-        def body(carry, xs):
-            h, k_cache, v_cache = carry
-            p, layer = xs
+        def layer_fn(h, kv, p, layer, per_token, shared, valid):
+            """One layer on (a micro-batch of) the tokens; ``layer`` indexes ``kv``'s leading axis.
+            ``valid`` False (a pipeline bubble) sends the K/V writes to the null page."""
+            positions, seq_ids, slots, pad = per_token
+            slots = jnp.where(valid, slots, pad)
+            md_mb = AttentionMetadata(positions, seq_ids, slots, *shared)
+            k_cache, v_cache = kv
             cache = {}
 
             def attend(q, k, v):
-                kc, vc = write_kv(k_cache, v_cache, layer, k, v, md.slot_mapping)
+                kc, vc = write_kv(k_cache, v_cache, layer, k, v, slots)
                 cache["kv"] = (kc, vc)
-                return self.attention_fn(q, kc, vc, layer, md, scale=scale,
+                return self.attention_fn(q, kc, vc, layer, md_mb, scale=scale,
                                          sliding_window=c.sliding_window)
 
-            h = self._layer(h, p, md.positions, attend)
-            kc, vc = cache["kv"]
-            return (h, kc, vc), None
+            h = self._layer(h, p, positions, attend)
+            return h, cache["kv"]
 
-        k_cache, v_cache = kv_cache
-        layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-        (h, k_cache, v_cache), _ = jax.lax.scan(
-            body, (h, k_cache, v_cache), (self._layer_params(), layer_ids))
-        return self._logits(h[logits_indices]), (k_cache, v_cache)
+        run_layers = self.layer_stack or scan_layers
+        h, (k_cache, v_cache) = run_layers(layer_fn, h, tuple(kv_cache), self._layer_params(),
+                                           per_token, shared)
+        logits = self._logits(h[logits_indices])
+        if return_hidden:
+            return logits, (k_cache, v_cache), h
+        return logits, (k_cache, v_cache)
+
+    def logits_from_hidden(self, h):
+        """Float32 logits of final hidden states [R, E] (e.g. every prompt position for prompt logprobs)."""
+        return self._logits(h)
 
     def forward_dense(self, tokens):
         """Plain causal forward, no cache. tokens: [B, S] -> logits [B, S, V] (right padding is harmless)."""
@@ -169,6 +194,19 @@ class LlamaForCausalLM(nnx.Module):
 
         h, _ = jax.lax.scan(body, h, self._layer_params())
         return self._logits(h).reshape(b, s, -1)
+
+
+def scan_layers(layer_fn, h, kv, params, per_token, shared):
+    """The default layer stack: one scan over all layers of ``params`` (stacked on axis 0)."""
+    num_layers = jax.tree.leaves(params)[0].shape[0]
+
+    def body(carry, xs):
+        h, kv = carry
+        p, layer = xs
+        return layer_fn(h, kv, p, layer, per_token, shared, True), None
+
+    (h, kv), _ = jax.lax.scan(body, (h, kv), (params, jnp.arange(num_layers, dtype=jnp.int32)))
+    return h, kv
 
 
 def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None):

@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Iterable, Optional, Union
 
+from serving.compile_counter import compile_counter
 from serving.config import EngineArgs
 from serving.detokenizer import IncrementalDetokenizer
 from serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -114,6 +115,7 @@ class LLMEngine:
         self._child_to_parent: dict[str, _Parent] = {}
         self._ids = itertools.count()
         self.stats = EngineStats()
+        self._pending_core: list = []       # step N's scheduler outputs, processed during step N+1
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **overrides) -> "LLMEngine":
@@ -173,6 +175,7 @@ class LLMEngine:
             self.scheduler.add_request(Request(child.req_id, ids, child_params, priority=priority,
                                                cache_salt=cache_salt, eos_token_ids=self.eos_token_ids))
         self.stats.prompt_tokens += len(ids)
+        self._refresh_scheduler_stats()
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:
         if isinstance(request_ids, str):
@@ -188,19 +191,38 @@ class LLMEngine:
                     child_ids.append(c.req_id)
         if child_ids:
             self.scheduler.abort_requests(child_ids)
+        self._refresh_scheduler_stats()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents) or self.scheduler.has_unfinished_requests()
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        """One engine step. The host work on step N's outputs (detokenizing, stop strings, building
+        RequestOutputs) runs while the device computes step N+1, so outputs trail by one step."""
         plan = self.scheduler.schedule()
-        result = self.runner.run(plan)
-        core_outputs = self.scheduler.update(plan, result)
+        flight = self.runner.dispatch(plan)
+        pending, self._pending_core = self._pending_core, []
+        outputs = self._process_outputs(pending) if pending else []
+        result = self.runner.collect(flight)
+        self._pending_core = self.scheduler.update(plan, result)
         self._record_step_stats(plan)
-        return self._process_outputs(core_outputs)
+        if plan.is_empty and self._pending_core:
+            outputs += self._process_outputs(self._pending_core)
+            self._pending_core = []
+        return outputs
 
     def _record_step_stats(self, plan) -> None:
+        st = self._refresh_scheduler_stats()
+        last = self.runner.last_step
+        if last is not None and not plan.is_empty:
+            st.num_steps += 1
+            st.bucket_padding_ratio = last.padding_ratio
+            st.padded_tokens += last.padded_tokens
+            st.scheduled_tokens += last.num_tokens
+
+    def _refresh_scheduler_stats(self) -> EngineStats:
+        """Gauges from the scheduler: refreshed after every step, add and abort (metrics read them)."""
         st = self.stats
         sched = self.scheduler.get_stats()
         st.num_requests_running = sched.num_running
@@ -209,15 +231,8 @@ class LLMEngine:
         st.prefix_cache_queries = sched.prefix_cache_queries
         st.prefix_cache_hits = sched.prefix_cache_hits
         st.num_preemptions = sched.num_preemptions
-        from serving.compile_counter import compile_counter
-
         st.compilations = compile_counter.count
-        last = self.runner.last_step
-        if last is not None and not plan.is_empty:
-            st.num_steps += 1
-            st.bucket_padding_ratio = last.padding_ratio
-            st.padded_tokens += last.padded_tokens
-            st.scheduled_tokens += last.num_tokens
+        return st
 
     def _logprob_dict(self, lp: Logprobs) -> dict[int, Logprob]:
         dec = self.tokenizer.decode

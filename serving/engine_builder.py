@@ -6,6 +6,7 @@ concurrency, compile progress.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -54,6 +55,9 @@ def _attention_fn(backend: str | None, platform: str):
         return "xla", paged_attention_xla
     from pallas_kernels import paged_attention
 
+    if platform == "cpu":
+        # No GPU: the same kernels in Pallas' interpreter (slow; for tests and debugging).
+        return "pallas", functools.partial(paged_attention, interpret=True)
     return "pallas", paged_attention
 
 
@@ -135,7 +139,7 @@ def build_engine_parts(args: EngineArgs) -> dict:
     runner = ModelRunner(model, num_pages=kv_plan.num_pages, page_size=kv_plan.page_size,
                          max_model_len=max_model_len, max_num_seqs=max_num_seqs, ladder=ladder,
                          kv_cache=kv_cache, max_logprobs=args.max_logprobs, seed=args.seed,
-                         eos_token_ids=eos, layout=layout)
+                         eos_token_ids=eos, layout=layout, decode_buckets=attn_name == "pallas")
     runner.compile_all()
     scheduler = Scheduler(num_pages=kv_plan.num_pages, page_size=kv_plan.page_size,
                           max_model_len=max_model_len, max_num_seqs=max_num_seqs,

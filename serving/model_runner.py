@@ -11,6 +11,7 @@ from the plan's deltas; finished/preempted ids drop it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -42,6 +43,19 @@ class _ReqState:
 
 
 @dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A dispatched step whose outputs are still on (or on their way from) the device."""
+    order: tuple
+    reqs: list
+    counts: np.ndarray
+    sample_rows: list
+    out: object                 # device SamplerOutput
+    prompt_lp: object           # (device arrays, targets, rows) or None
+    stats: object               # StepStats (seconds filled in at collect)
+    start: float
+
+
+@dataclasses.dataclass(frozen=True)
 class StepStats:
     num_tokens: int
     padded_tokens: int
@@ -58,7 +72,7 @@ class StepStats:
 class ModelRunner:
     def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int, ladder: BucketLadder, kv_cache, max_logprobs: int, seed: int,
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), layout=None, decode_buckets: bool = False):
         self.config = model.config
         self.page_size = page_size
         self.num_pages = num_pages
@@ -67,25 +81,42 @@ class ModelRunner:
         self.ladder = ladder
         self.max_logprobs = max_logprobs
         self.eos_token_ids = tuple(eos_token_ids)
+        self.decode_buckets = decode_buckets
         self.vocab_size = self.config.vocab_size
         self.graphdef, self.state = nnx.split(model)
         self.kv_cache = kv_cache
         self.sampler_state = smp.init_sampler_state(max_num_seqs, self.vocab_size)
+        self.layout = layout   # sharding.ShardingLayout when the model spans a mesh
+        if layout is not None:
+            self.sampler_state = jax.device_put(self.sampler_state, layout.replicated())
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._reqs: dict[str, _ReqState] = {}
         self._executables: dict[tuple[int, int, int], object] = {}
+        self._prompt_lp_exes: dict[int, object] = {}
         self._base_key = jax.random.PRNGKey(seed)
         self._step_count = 0
         self.last_step: StepStats | None = None
 
     # ------------------------------------------------------------------ compile
-    def _step_fn(self, state, kv_cache, sampler_state, tokens, md, logits_indices, sampling_md, step_idx):
+    def _step_fn(self, state, kv_cache, sampler_state, tokens, md, logits_indices, sampling_md, step_idx, *,
+                 max_query_len=None):
         model = nnx.merge(self.graphdef, state)
+        if max_query_len is not None:
+            # Static hint for the attention kernel: a decode-only executable (one token per sequence).
+            model.attention_fn = functools.partial(model.attention_fn, max_query_len=max_query_len)
         step_key = jax.random.fold_in(self._base_key, step_idx)
-        logits, kv_cache = model(tokens, kv_cache, md, logits_indices)
+        logits, kv_cache, hidden = model(tokens, kv_cache, md, logits_indices, return_hidden=True)
         out, sampler_state = smp.sample(logits, sampling_md, sampler_state, step_key,
                                         num_logprobs=self.max_logprobs)
-        return out, kv_cache, sampler_state
+        # hidden stays on the device; only a step with prompt-logprob requests reads it.
+        return out, kv_cache, sampler_state, hidden
+
+    def _prompt_logprobs_fn(self, state, hidden, targets):
+        """Logprobs of each position's next prompt token: hidden [T, E], targets [T] -> per row."""
+        model = nnx.merge(self.graphdef, state)
+        logits = model.logits_from_hidden(hidden)
+        wants = jnp.ones(targets.shape, bool)
+        return smp.token_logprobs(logits, targets, wants, num_logprobs=self.max_logprobs)
 
     def _abstract_inputs(self, t: int, s: int, p: int):
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
@@ -95,20 +126,50 @@ class ModelRunner:
                                    smp.build_sampling_metadata([], s))
         return i32(t), md, i32(s), sampling_md
 
+    def _step_shardings(self, shape, key) -> dict:
+        """Under a mesh: weights and KV cache keep their layout, all else is replicated, so each
+        step's outputs come back in the layout the next step takes and are readable on every host."""
+        if self.layout is None:
+            return {}
+        rep = self.layout.replicated()
+        kv_sh = jax.tree.map(lambda a: a.sharding, self.kv_cache)
+        args = (self.state, self.kv_cache, self.sampler_state, *self._abstract_inputs(*shape), key)
+        outs = jax.eval_shape(self._step_fn, *args)
+        return dict(in_shardings=(jax.tree.map(lambda a: getattr(a, "sharding", rep), self.state), kv_sh)
+                    + (rep,) * (len(args) - 2),
+                    out_shardings=tuple(kv_sh if i == 1 else rep for i in range(len(outs))))
+
+    def all_shapes(self) -> list[tuple[int, int, int, bool]]:
+        """(tokens, seqs, pages, decode_only) of every executable. Decode-only steps (one token per
+        sequence) get their own executables with tokens == seqs when ``decode_buckets`` is on."""
+        shapes = [(t, s, p, False) for t, s, p in self.ladder.all_shapes()]
+        if self.decode_buckets:
+            shapes += [(s, s, p, True) for s in self.ladder.seq_buckets for p in self.ladder.page_buckets]
+        return shapes
+
     def compile_all(self, progress: bool = True) -> float:
         """Compile every bucket shape ahead of time; returns seconds spent."""
-        shapes = self.ladder.all_shapes()
+        shapes = self.all_shapes()
         start = time.perf_counter()
-        jitted = jax.jit(self._step_fn, donate_argnums=(1, 2))
         key = jax.ShapeDtypeStruct((), jnp.uint32)
+        shardings = self._step_shardings(shapes[0][:3], key)
+        jitted = {False: jax.jit(self._step_fn, donate_argnums=(1, 2), **shardings),
+                  True: jax.jit(functools.partial(self._step_fn, max_query_len=1), donate_argnums=(1, 2),
+                                **shardings)}
         bar = tqdm(shapes, desc="Compiling buckets", unit="exe", disable=not progress)
         for shape in bar:
-            bar.set_postfix_str(f"tokens={shape[0]} seqs={shape[1]} pages={shape[2]}")
-            tokens, md, logits_indices, sampling_md = self._abstract_inputs(*shape)
-            self._executables[shape] = jitted.lower(
+            bar.set_postfix_str(f"tokens={shape[0]} seqs={shape[1]} pages={shape[2]}"
+                                + (" decode" if shape[3] else ""))
+            tokens, md, logits_indices, sampling_md = self._abstract_inputs(*shape[:3])
+            self._executables[shape] = jitted[shape[3]].lower(
                 self.state, self.kv_cache, self.sampler_state, tokens, md, logits_indices,
                 sampling_md, key).compile()
         self._write_slot_rows([])   # compiles set_slot_rows for its fixed row count
+        plp = jax.jit(self._prompt_logprobs_fn)
+        for t in sorted({shape[0] for shape in shapes}):
+            self._prompt_lp_exes[t] = plp.lower(
+                self.state, jax.ShapeDtypeStruct((t, self.config.hidden_size), self._hidden_dtype()),
+                jax.ShapeDtypeStruct((t,), jnp.int32)).compile()
         elapsed = time.perf_counter() - start
         logger.info("Compiled %d bucket executables in %.1f s", len(shapes), elapsed)
         return elapsed
@@ -161,16 +222,23 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
     def run(self, plan: StepPlan) -> RunnerOutput:
+        return self.collect(self.dispatch(plan))
+
+    def dispatch(self, plan: StepPlan) -> "_InFlight":
+        """Build the step's inputs and launch it; returns at once (JAX dispatch is asynchronous)."""
         self._apply_plan_deltas(plan)
         order = [n.req_id for n in plan.new_requests] + [c.req_id for c in plan.cached_requests]
         if not order:
-            return RunnerOutput((), {}, {}, {})
+            return _InFlight((), [], np.zeros(0, np.int64), [], None, {}, None, 0.0)
         start = time.perf_counter()
         reqs = [self._reqs[r] for r in order]
         counts = np.array([plan.num_scheduled_tokens[r] for r in order], dtype=np.int64)
         total = int(counts.sum())
         max_pages = max(len(st.page_ids) for st in reqs)
         t_pad, s_pad, p_pad = self.ladder.select(total, len(reqs), max_pages)
+        decode_only = self.decode_buckets and total == len(reqs)
+        if decode_only:
+            t_pad = s_pad
 
         tokens = np.zeros(t_pad, np.int32)
         positions = np.zeros(t_pad, np.int32)
@@ -199,18 +267,29 @@ class ModelRunner:
             off += n
         page_of = block_tables[seq_ids, positions // self.page_size]
         slot_mapping = page_of * self.page_size + positions % self.page_size
-        # Padding tokens write into the null page 0 (never read as valid context).
-        slot_mapping[total:] = np.arange(t_pad - total) % self.page_size
+        # Padding tokens get an out-of-range slot: their K/V writes are dropped (see write_kv).
+        slot_mapping[total:] = self.num_pages * self.page_size
         md = AttentionMetadata(positions=positions, token_seq_ids=seq_ids, slot_mapping=slot_mapping.astype(np.int32),
                                block_tables=block_tables, seq_lens=seq_lens, query_start_loc=qsl)
         sampling_md = smp.build_sampling_metadata(sample_rows, s_pad)
         step_idx = np.uint32(self._step_count)
         self._step_count += 1
 
-        exe = self._executables[(t_pad, s_pad, p_pad)]
-        out, self.kv_cache, self.sampler_state = exe(
+        exe = self._executables[(t_pad, s_pad, p_pad, decode_only)]
+        out, self.kv_cache, self.sampler_state, hidden = exe(
             self.state, self.kv_cache, self.sampler_state, tokens, md, logits_indices, sampling_md, step_idx)
-        out = jax.device_get(out)   # the step's only device -> host copy
+        prompt_lp = self._launch_prompt_logprobs(reqs, counts, hidden, t_pad)
+        stats = StepStats(total, t_pad, len(reqs), (t_pad, s_pad, p_pad), 0.0)
+        return _InFlight(tuple(order), reqs, counts, sample_rows, out, prompt_lp, stats, start)
+
+    def collect(self, flight: "_InFlight") -> RunnerOutput:
+        """Wait for a dispatched step and turn its outputs into a RunnerOutput."""
+        if not flight.order:
+            return RunnerOutput((), {}, {}, {})
+        reqs, counts, sample_rows = flight.reqs, flight.counts, flight.sample_rows
+        # The step's only device -> host copies: sampled tokens (+ logprobs), prompt logprobs if asked.
+        out, prompt_lp_arrays = jax.device_get((flight.out, flight.prompt_lp[0] if flight.prompt_lp else None))
+        prompt_logprobs = self._prompt_logprobs_entries(reqs, flight.prompt_lp, prompt_lp_arrays)
 
         sampled: dict[str, tuple[int, ...]] = {}
         logprobs: dict[str, tuple[Logprobs, ...]] = {}
@@ -228,6 +307,52 @@ class ModelRunner:
                     token_id=tok, logprob=float(out.logprobs[i]), rank=int(out.ranks[i]),
                     top_ids=tuple(int(x) for x in out.top_ids[i, :k]),
                     top_logprobs=tuple(float(x) for x in out.top_logprobs[i, :k])),)
-        self.last_step = StepStats(total, t_pad, len(reqs), (t_pad, s_pad, p_pad),
-                                   time.perf_counter() - start)
-        return RunnerOutput(tuple(order), sampled, logprobs, {})
+        self.last_step = dataclasses.replace(flight.stats, seconds=time.perf_counter() - flight.start)
+        return RunnerOutput(flight.order, sampled, logprobs, prompt_logprobs)
+
+    def _hidden_dtype(self):
+        return nnx.merge(self.graphdef, self.state).dtype
+
+    def _launch_prompt_logprobs(self, reqs, counts, hidden, t_pad):
+        """Prompt logprobs for the prompt positions computed this step (vLLM's convention).
+
+        A chunk computing positions [a, a+n) reports None for position 0 (nothing predicts it) and,
+        for each prompt position j in [a+1, a+n], the logprob of token j from the logits at j-1 —
+        the chunk's last row predicts the first token of the next chunk, known from the prompt.
+        Called before the step's counters advance: num_computed_tokens is still a.
+        Returns (device arrays, targets, {row: (offset, count, a)}) or None when nobody asked.
+        """
+        wanted = {i for i, st in enumerate(reqs) if st.params.prompt_logprobs is not None
+                  and st.num_computed_tokens < st.num_prompt_tokens}
+        if not wanted:
+            return None
+        targets = np.zeros(t_pad, np.int32)
+        rows: dict[int, tuple[int, int, int]] = {}
+        off = 0
+        for i, (st, n) in enumerate(zip(reqs, counts)):
+            n = int(n)
+            if i in wanted:
+                a = st.num_computed_tokens
+                last = min(a + n, st.num_prompt_tokens - 1)       # last target position
+                k = max(last - a, 0)                              # rows off .. off+k-1 predict a+1 .. last
+                targets[off:off + k] = st.token_ids[a + 1:a + 1 + k]
+                rows[i] = (off, k, a)
+            off += n
+        return self._prompt_lp_exes[t_pad](self.state, hidden, targets), targets, rows
+
+    @staticmethod
+    def _prompt_logprobs_entries(reqs, launched, arrays) -> dict:
+        if launched is None:
+            return {}
+        _, targets, rows = launched
+        lp, ranks, top_ids, top_lp = arrays
+        result = {}
+        for i, (off, k, a) in rows.items():
+            st = reqs[i]
+            width = st.params.prompt_logprobs
+            entries = [None] if a == 0 else []
+            entries += [Logprobs(int(targets[r]), float(lp[r]), int(ranks[r]),
+                                 tuple(int(x) for x in top_ids[r, :width]),
+                                 tuple(float(x) for x in top_lp[r, :width])) for r in range(off, off + k)]
+            result[st.req_id] = tuple(entries)
+        return result

@@ -152,13 +152,100 @@ def test_32_concurrent_chunked_preempted_and_prefix_cached(engine_check, prompt_
 
 
 def test_prefix_caching_off_gives_same_outputs(engine_check, prompt_ids, reference):
+    picks = [8, 9, 0]                                   # the chat prompts span full pages (> 16 tokens)
+    ids = [prompt_ids[i] for i in picks]
+    refs = [reference[i] for i in picks]
     old = _swap_scheduler(engine_check, enable_prefix_caching=False)
     try:
-        assert _generate(engine_check, prompt_ids[:4]) == reference[:4]
+        assert _generate(engine_check, ids) == refs
     finally:
         engine_check.engine.scheduler = old
     # And twice with caching on: the second run hits the cache and changes nothing.
-    first = _generate(engine_check, prompt_ids[:4])
+    first = _generate(engine_check, ids)
     hits_before = engine_check.engine.scheduler.get_stats().prefix_cache_hits
-    assert _generate(engine_check, prompt_ids[:4]) == first == reference[:4]
+    assert _generate(engine_check, ids) == first == refs
     assert engine_check.engine.scheduler.get_stats().prefix_cache_hits > hits_before
+
+
+def test_logprobs_and_prompt_logprobs_match_transformers(engine_check, hf_model, prompt_ids):
+    """Chunked (a prompt longer than the 64-token step budget) prompt logprobs and sampled-token
+    logprobs equal transformers' log-softmax at the same positions."""
+    ids = prompt_ids[-1] + prompt_ids[0] + prompt_ids[1]            # > 64 tokens: prefilled in chunks
+    assert len(ids) > 64
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, prompt_logprobs=2)
+    out = engine_check.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    gen = out.outputs[0].token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids + gen])).logits[0].float(), -1).numpy()
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    for j in range(1, len(ids)):
+        entry = out.prompt_logprobs[j]
+        assert ids[j] in entry
+        assert abs(entry[ids[j]].logprob - ref[j - 1, ids[j]]) < 1e-3
+        top = sorted(range(ref.shape[1]), key=lambda t: -ref[j - 1, t])[:2]
+        assert all(t in entry for t in top)
+    for i, (tok, entry) in enumerate(zip(gen, out.outputs[0].logprobs)):
+        row = ref[len(ids) + i - 1]
+        assert entry[tok].rank == 1 and abs(entry[tok].logprob - row[tok]) < 1e-3
+        assert len(entry) == 3
+    assert abs(out.outputs[0].cumulative_logprob - sum(ref[len(ids) + i - 1, t] for i, t in enumerate(gen))) < 1e-2
+
+
+def test_seeded_sampling_same_alone_and_in_batch(engine_check, prompt_ids):
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=1234, max_tokens=12)
+    alone = engine_check.generate([{"prompt_token_ids": prompt_ids[2]}], seeded, use_tqdm=False)[0]
+    others = [SamplingParams(temperature=1.0, max_tokens=12), SamplingParams(temperature=0.0, max_tokens=5)]
+    batch = engine_check.generate(
+        [{"prompt_token_ids": prompt_ids[0]}, {"prompt_token_ids": prompt_ids[2]}, {"prompt_token_ids": prompt_ids[5]}],
+        [others[0], seeded, others[1]], use_tqdm=False)
+    assert batch[1].outputs[0].token_ids == alone.outputs[0].token_ids
+
+
+def test_n_samples_stop_strings_and_abort(engine_check, prompt_ids, reference):
+    llm = engine_check
+    outs = llm.generate([{"prompt_token_ids": prompt_ids[0]}],
+                        SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8), use_tqdm=False)
+    assert len(outs[0].outputs) == 3 and [o.index for o in outs[0].outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in outs[0].outputs}) > 1
+    # A stop string cut out of the greedy continuation of prompt 0.
+    full = llm.tokenizer.decode(reference[0])
+    stop = full[5:9]
+    out = llm.generate([{"prompt_token_ids": prompt_ids[0]}], SamplingParams(temperature=0, max_tokens=32, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop and out.text == full[:full.index(stop)]
+    # Abort mid-generation frees every page.
+    llm.engine.add_request("abort-me", {"prompt_token_ids": prompt_ids[1]}, SamplingParams(max_tokens=30))
+    for _ in range(3):
+        llm.engine.step()
+    llm.engine.abort_request("abort-me")
+    while llm.engine.scheduler.has_requests():
+        llm.engine.step()
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_mixed_200_request_workload_never_compiles(engine_check, prompt_ids):
+    """Every sampling feature at once, 200 requests: the compile counter (checked by engine_check)
+    must not move, every request finishes, every page comes back."""
+    import random
+
+    rng = random.Random(0)
+    variants = [
+        dict(temperature=0.0),
+        dict(temperature=0.8, top_p=0.9, seed=3),
+        dict(temperature=1.0, top_k=20, min_p=0.05),
+        dict(temperature=0.7, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2),
+        dict(temperature=0.0, logprobs=5, prompt_logprobs=1),
+        dict(temperature=1.0, logit_bias={42: 5.0}, min_tokens=2, stop=["."]),
+        dict(temperature=0.0, allowed_token_ids=list(range(100, 300))),
+        dict(temperature=0.9, n=2),
+    ]
+    prompts, params = [], []
+    for i in range(200):
+        ids = prompt_ids[rng.randrange(len(prompt_ids))][: rng.randint(1, 40)]
+        prompts.append({"prompt_token_ids": ids})
+        params.append(SamplingParams(max_tokens=rng.randint(1, 6), **variants[i % len(variants)]))
+    outs = engine_check.generate(prompts, params, use_tqdm=False)
+    assert len(outs) == 200 and all(o.finished for o in outs)
+    for o, p in zip(outs, params):
+        assert len(o.outputs) == p.n
+        assert all(1 <= len(c.token_ids) <= p.max_tokens for c in o.outputs)
