@@ -158,7 +158,7 @@ class LLMEngine:
             child_params = params if n == 1 else params.for_sample(i)
             child_id = request_id if n == 1 else f"{request_id}#{i}"
             detok = None
-            if params.detokenize:
+            if params.detokenize and self.tokenizer is not None:
                 detok = IncrementalDetokenizer(
                     self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens,
                     spaces_between_special_tokens=params.spaces_between_special_tokens,
