@@ -1,0 +1,64 @@
+"""benchmarks/make_results_md.py renders every results file with its environment; baseline_hf batches."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from serving.bench.datasets import SampleRequest
+from serving.bench.environment import result_envelope, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_results_md_names_environment_and_ratio(tmp_path):
+    env = {"platform": "cpu", "device_kind": "cpu", "jax_version": "0.10.2", "dtype": "float32",
+           "model": "SmolLM2-135M-Instruct",
+           "model_shape": {"architecture": "LlamaForCausalLM", "num_layers": 30, "hidden_size": 576, "num_heads": 9,
+                           "num_kv_heads": 3, "num_params": 134_515_008}}
+    jax_res = {"elapsed_time": 10.0, "requests_per_second": 3.2, "tokens_per_second": 400.0,
+               "output_tokens_per_second": 150.0, "num_executables": 4, "compile_s": 26.0, "startup_s": 40.0,
+               "padding_waste_pct": 12.5, "num_steps": 60}
+    hf = {"batch_size": 32, "elapsed_time": 20.0, "requests_per_second": 1.6, "tokens_per_second": 200.0,
+          "output_tokens_per_second": 75.0, "greedy_outputs_identical_to_jaxllm": "30/32"}
+    doc = result_envelope("throughput-vs-hf", env, {"num_prompts": 32, "input_len": "96", "output_len": 48,
+                                                    "sampling": "greedy"},
+                          {"jaxllm": jax_res, "transformers": [hf], "transformers_best_batch_size": 32,
+                           "output_throughput_ratio_jaxllm_over_hf": 2.0, "total_throughput_ratio_jaxllm_over_hf": 2.0})
+    write_json(tmp_path / "2026-11-21-cpu-throughput-vs-hf.json", doc)
+    (tmp_path / "other.json").write_text(json.dumps({"device": "NVIDIA H200", "jax": "0.11.2", "commit": "abc"}))
+    text = _load("make_results_md").render(tmp_path)
+    assert "## 2026-11-21-cpu-throughput-vs-hf.json" in text and "## other.json" in text
+    assert "JAX 0.10.2" in text and "dtype: float32" in text and "LlamaForCausalLM 30L h576" in text
+    assert "commit `" in text and "2.00x output tokens/s" in text
+    assert "| transformers generate | 32 | 20.00 | 1.60 | 200.00 | 75.00 | 30/32 |" in text
+    assert "- device: NVIDIA H200" in text and "- commit: abc" in text
+
+
+def test_hf_batches_left_pad_and_sort():
+    torch = pytest.importorskip("torch")
+    hf = _load("baseline_hf")
+
+    class Echo:
+        """generate() stand-in: appends token 7 `max_new_tokens` times; records the batches."""
+        seen = []
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+            Echo.seen.append((input_ids.tolist(), attention_mask.tolist(), max_new_tokens, kw["min_new_tokens"]))
+            return torch.cat([input_ids, torch.full((input_ids.shape[0], max_new_tokens), 7)], dim=1)
+
+    reqs = [SampleRequest(None, [1, 2, 3], 2), SampleRequest(None, [4], 3), SampleRequest(None, [5, 6], 1)]
+    outs, seconds = hf.hf_generate(Echo(), reqs, batch_size=2, pad_token_id=0)
+    assert seconds >= 0
+    # Shortest prompts first; left padded; each batch runs to its longest output.
+    assert Echo.seen[0] == ([[0, 4], [5, 6]], [[0, 1], [1, 1]], 3, 3)
+    assert Echo.seen[1] == ([[1, 2, 3]], [[1, 1, 1]], 2, 2)
+    assert outs == {0: [7, 7], 1: [7, 7, 7], 2: [7]}
