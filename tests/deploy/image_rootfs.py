@@ -63,7 +63,11 @@ def build_image(tag: str, base_image: str, *, extras: str = "", log_path: Option
 def image_config(tag: str) -> dict:
     """The image's run configuration (Entrypoint, Cmd, Env, User, WorkingDir, Healthcheck, ...)."""
     [info] = json.loads(_run(["podman", "image", "inspect", tag], 60).stdout)
-    return info["Config"]
+    config = dict(info["Config"])
+    # podman reports a docker-format image's HEALTHCHECK beside Config rather than inside it.
+    if "Healthcheck" not in config and info.get("Healthcheck"):
+        config["Healthcheck"] = info["Healthcheck"]
+    return config
 
 
 def _passwd_ids(root: str, user: str) -> tuple[int, int]:
