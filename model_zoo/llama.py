@@ -134,17 +134,16 @@ class LlamaForCausalLM(nnx.Module):
         scale = c.head_dim ** -0.5
         h = self._shard(jnp.take(self.embed[...], tokens, axis=0), ("act_tokens", "act_embed"))
         # Per-token metadata may be split into pipeline micro-batches; per-sequence metadata is not.
-        pad_slots = jnp.arange(tokens.shape[0], dtype=jnp.int32) % kv_cache[0].shape[3]  # null page
-        per_token = (md.positions, md.token_seq_ids, md.slot_mapping, pad_slots)
+        per_token = (md.positions, md.token_seq_ids, md.slot_mapping)
         shared = (md.block_tables, md.seq_lens, md.query_start_loc)
 
         def layer_fn(h, kv, p, layer, per_token, shared, valid):
             """One layer on (a micro-batch of) the tokens; ``layer`` indexes ``kv``'s leading axis.
-            ``valid`` False (a pipeline bubble) sends the K/V writes to the null page."""
-            positions, seq_ids, slots, pad = per_token
-            slots = jnp.where(valid, slots, pad)
-            md_mb = AttentionMetadata(positions, seq_ids, slots, *shared)
+            ``valid`` False (a pipeline bubble) gives every token the out-of-range slot: no writes."""
+            positions, seq_ids, slots = per_token
             k_cache, v_cache = kv
+            slots = jnp.where(valid, slots, k_cache.shape[2] * k_cache.shape[3])
+            md_mb = AttentionMetadata(positions, seq_ids, slots, *shared)
             cache = {}
 
             def attend(q, k, v):

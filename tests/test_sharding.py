@@ -1,0 +1,166 @@
+"""Sharding rules, presets, rules files and layout resolution (one device), plus the 8-device suite.
+
+The multi-device checks live in tests/test_sharding_mesh.py and need XLA's forced host device
+count set before jax starts; `test_multi_device_suite` runs that module in a child pytest process
+with the flag, so this process keeps its single device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from model_zoo.config import ModelConfig
+from model_zoo.params import param_specs
+from sharding import PRESETS, ShardingLayout, load_rules_file, make_mesh, preset, resolve_rules
+from sharding.pipeline import micro_batches_for
+from sharding.rules import ShardingRules
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**kw):
+    base = dict(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64, intermediate_size=128,
+                num_layers=4, num_heads=8, num_kv_heads=2, head_dim=8)
+    return ModelConfig(**{**base, **kw})
+
+
+class _FakeMesh:
+    """Just the `shape` a layout resolves against (no devices needed for the arithmetic)."""
+
+    def __init__(self, **shape):
+        self.shape = shape
+
+
+def _layout(rules="megatron", tp=2, pp=1, **cfg):
+    return ShardingLayout(_config(**cfg), _FakeMesh(pp=pp, tp=tp), resolve_rules(rules))
+
+
+def test_presets_and_rules_files(tmp_path):
+    assert resolve_rules(None).name == "megatron"
+    assert resolve_rules("replicated-vocab").as_dict()["vocab"] is None
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"preset": "mlp-only", "rules": {"vocab": None, "embed": ["tp"]}}))
+    r = load_rules_file(f)
+    assert r.as_dict()["q_heads"] is None and r.as_dict()["mlp"] == "tp"
+    assert r.as_dict()["vocab"] is None and r.as_dict()["embed"] == "tp"
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"mlp": None}))
+    assert resolve_rules(str(bare)).as_dict()["mlp"] is None
+    assert resolve_rules(str(bare)).as_dict()["q_heads"] == "tp"   # the default preset fills in
+    for name in PRESETS:
+        assert preset(name).name == name
+
+
+@pytest.mark.parametrize("content,match", [
+    ({"rules": {"heads": "tp"}}, "unknown logical axis 'heads'"),
+    ({"rules": {"mlp": "dp"}}, "mesh axis must be one of"),
+    ({"preset": "nope"}, "unknown sharding preset"),
+    ({"rules": {"mlp": ["tp", "tp"]}}, "repeats a mesh axis"),
+    ({"rules": {"mlp": "tp"}, "layouts": 1}, "unknown keys"),
+])
+def test_bad_rules_are_clear_errors(tmp_path, content, match):
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=match):
+        load_rules_file(f)
+
+
+def test_unknown_rules_spec_is_a_clear_error():
+    with pytest.raises(ValueError, match="neither a preset"):
+        resolve_rules("no-such-layout")
+
+
+def test_weight_specs_follow_the_rules():
+    lay = _layout(tp=2, pp=2, num_kv_heads=2)
+    specs = {n: lay.spec(axes) for n, (_, axes) in
+             param_specs(lay.config).items()}
+    assert specs["layers/wq"] == P("pp", None, "tp")        # column parallel
+    assert specs["layers/wo"] == P("pp", "tp")              # row parallel
+    assert specs["layers/w_down"] == P("pp", "tp")
+    assert specs["layers/wk"] == P("pp", None, "tp")
+    assert specs["embed"] == P("tp")                        # vocab parallel
+    assert specs["lm_head"] == P(None, "tp")
+    assert specs["final_norm"] == P()
+    assert lay.spec(("layers", "kv_heads", None, None, None)) == P("pp", "tp")
+
+
+def test_kv_heads_replicated_when_tp_exceeds_them():
+    lay = _layout(tp=4, num_kv_heads=2)
+    assert lay.spec(param_specs(lay.config)["layers/wk"][1]) == P()
+    assert lay.spec(("layers", "kv_heads", None, None, None)) == P()
+    assert lay.spec(param_specs(lay.config)["layers/wq"][1]) == P(None, None, "tp")
+
+
+def test_vocab_that_does_not_divide_is_replicated():
+    lay = _layout(tp=2, vocab_size=255)
+    assert lay.spec(("vocab", "embed")) == P()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(tp=3), "attention heads \\(8\\) is not divisible by the 3 devices"),
+    (dict(tp=2, pp=3), "number of layers \\(4\\) is not divisible"),
+    (dict(tp=2, intermediate_size=129), "MLP intermediate size"),
+])
+def test_sizes_that_do_not_divide_are_clear_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _layout(**kw)
+
+
+def test_a_mesh_axis_splits_one_dimension_only():
+    lay = _layout("embed-parallel", tp=2)
+    # wo is [layers, q_heads, embed]: only embed maps to tp here.
+    assert lay.spec(("layers", "q_heads", "embed")) == P(None, None, "tp")
+    both = ShardingLayout(_config(), _FakeMesh(pp=1, tp=2),
+                          ShardingRules.from_mapping({"embed": "tp", "vocab": "tp"}))
+    assert both.spec(("vocab", "embed")) == P("tp")        # the first dimension wins
+
+
+def test_mesh_needs_enough_devices():
+    with pytest.raises(ValueError, match="only 1 CPU device"):
+        make_mesh(2, 1, devices=jax.devices()[:1])
+    mesh = make_mesh(1, 1)
+    assert dict(mesh.shape) == {"pp": 1, "tp": 1}
+
+
+def test_micro_batches_divide_the_token_bucket():
+    assert micro_batches_for(16, 2) == 2
+    assert micro_batches_for(6, 4) == 3
+    assert micro_batches_for(7, 2) == 1
+    assert micro_batches_for(1, 4) == 1
+
+
+def test_one_device_layout_runs_the_model_unchanged():
+    """A 1x1 mesh with the layout's hooks attached gives the very same logits as no layout."""
+    import jax.numpy as jnp
+
+    from model_zoo.llama import LlamaForCausalLM
+    from model_zoo.loaders.dummy import dummy_params
+    from sharding import build_layout
+
+    cfg = _config()
+    lay = build_layout(cfg)
+    params = dummy_params(cfg, jnp.float32, sharding_for=lay.sharding_for, seed=1, progress=False)
+    tokens = jnp.asarray(np.arange(12).reshape(2, 6) % cfg.vocab_size)
+    plain = LlamaForCausalLM(cfg, params).forward_dense(tokens)
+    hooked = lay.attach(LlamaForCausalLM(cfg, params)).forward_dense(tokens)
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(hooked))
+
+
+def test_multi_device_suite():
+    """tests/test_sharding_mesh.py on 8 forced host devices (TP, PP, TP x PP, layouts, HLO)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           "tests/test_sharding_mesh.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], tail

@@ -1,0 +1,223 @@
+"""Tensor / pipeline parallel on 8 host CPU devices: same greedy tokens as one device, per-device shards.
+
+Needs `XLA_FLAGS=--xla_force_host_platform_device_count=8` set before jax starts, so the normal
+suite (one device) skips this module and tests/test_sharding.py runs it in a child pytest process
+with the flag set. Run it alone with:
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest tests/test_sharding_mesh.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from model_zoo.loader import load_weights as _REAL_LOAD  # noqa: E402
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8,
+                                reason="needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+
+PROMPTS = ["Hi", "The capital of France is", "1, 2, 3, 4,"]
+ENGINE = dict(token_buckets=[16], seq_buckets=[4], max_num_batched_tokens=16, max_num_seqs=4,
+              max_model_len=64, kv_cache_memory=16 * 2 ** 20, dtype="float32")
+
+
+_HOST_WEIGHTS: dict = {}
+
+
+def _host_weights(resolved, dtype):
+    """The embedded GGUF dequantized once per process (it dominates an engine build on 2 cores)."""
+    key = (str(resolved.path), str(dtype))
+    if key not in _HOST_WEIGHTS:
+        _HOST_WEIGHTS[key] = {k: np.asarray(v) for k, v in
+                              _REAL_LOAD(resolved, dtype, progress=False).items()}
+    return _HOST_WEIGHTS[key]
+
+
+def _cached_load(resolved, dtype, *, sharding_for=None, progress=True, seed=0):
+    """Engine builds of the embedded model place cached host weights with the layout's shardings
+    instead of dequantizing the GGUF again (the loader's own sharded placement is exercised by the
+    tiny safetensors models below)."""
+    from model_zoo.params import param_specs
+
+    specs = param_specs(resolved.config)
+    out = {}
+    for name, arr in _host_weights(resolved, dtype).items():
+        shape, axes = specs[name]
+        sharding = sharding_for(name, shape, axes) if sharding_for else None
+        out[name] = jax.device_put(arr, sharding) if sharding is not None else jax.device_put(arr)
+    return out
+
+
+@pytest.fixture
+def cached_gguf_weights(monkeypatch):
+    import model_zoo.loader as loader
+
+    monkeypatch.setattr(loader, "load_weights", _cached_load)
+
+
+def _generate(model=None, max_tokens=6, **kwargs):
+    from serving import LLM, SamplingParams
+
+    llm = LLM(model=model, **{**ENGINE, **kwargs})
+    outs = llm.generate(PROMPTS if model is None else [{"prompt_token_ids": p} for p in TINY_PROMPTS],
+                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    return [list(o.outputs[0].token_ids) for o in outs], llm
+
+
+TINY_PROMPTS = [[256, 72, 105], [256, 84, 104, 101, 32, 99, 97, 112], [256, 49, 44, 32, 50]]
+
+
+def _runner(llm):
+    return llm.engine.runner
+
+
+def _weights(runner) -> dict:
+    """Parameter name ("layers/wq") -> array, from the runner's split model state."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(runner.state):
+        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        out["/".join(keys)] = leaf
+    return out
+
+
+def _assert_shards(runner, tp, pp, kv_split):
+    """Every large weight and the KV caches: each device holds exactly its shard."""
+    c = runner.config
+    w = _weights(runner)
+    L, E, F, V, D = c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
+    expect = {
+        "layers/wq": (L // pp, E, c.num_heads * D // tp),
+        "layers/wo": (L // pp, c.num_heads * D // tp, E),
+        "layers/w_gate": (L // pp, E, F // tp),
+        "layers/w_up": (L // pp, E, F // tp),
+        "layers/w_down": (L // pp, F // tp, E),
+        "layers/wk": (L // pp, E, c.num_kv_heads * D // (tp if kv_split else 1)),
+        "embed": (V // tp, E),
+    }
+    for name, shape in expect.items():
+        arr = w[name]
+        assert len(arr.addressable_shards) == tp * pp
+        for shard in arr.addressable_shards:
+            assert shard.data.shape == shape, (name, shard.data.shape, shape)
+    for cache in runner.kv_cache:
+        expect_kv = (L // pp, c.num_kv_heads // (tp if kv_split else 1)) + cache.shape[2:]
+        assert {s.data.shape for s in cache.addressable_shards} == {expect_kv}
+        assert len({s.device for s in cache.addressable_shards}) == tp * pp
+
+
+# ----------------------------------------------------------------------------- embedded SmolLM2
+@pytest.fixture(scope="module")
+def smollm_reference():
+    import model_zoo.loader as loader
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(loader, "load_weights", _cached_load)
+    try:
+        tokens, _ = _generate()
+    finally:
+        mp.undo()
+    return tokens
+
+
+@pytest.mark.parametrize("tp,pp", [(3, 1), (1, 2), (3, 2)])
+def test_embedded_model_greedy_matches_single_device(tp, pp, smollm_reference, cached_gguf_weights):
+    tokens, llm = _generate(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    assert tokens == smollm_reference
+    _assert_shards(_runner(llm), tp, pp, kv_split=True)
+
+
+# ----------------------------------------------------------------------------- tiny random models
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    from tests.tiny_models import make_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    # 8 query / 2 KV heads (TP 4 replicates the KV heads) and 16 / 4; 4 layers for 2 stages.
+    a, _ = make_tiny_hf_model("llama", root / "h8", num_attention_heads=8, num_key_value_heads=2,
+                              hidden_size=64, num_hidden_layers=4)
+    b, _ = make_tiny_hf_model("qwen2", root / "h16", num_attention_heads=16, num_key_value_heads=4,
+                              hidden_size=128, num_hidden_layers=4)
+    return {"h8": str(a), "h16": str(b)}
+
+
+def test_tiny_model_tp_and_pp_match_single_device(tiny_dirs):
+    # 8 query / 2 KV heads: TP 2 splits the KV heads, TP 4 replicates them.
+    ref, _ = _generate(tiny_dirs["h8"], max_tokens=8)
+    for tp, pp in [(2, 1), (4, 1), (2, 2)]:
+        tokens, llm = _generate(tiny_dirs["h8"], max_tokens=8, tensor_parallel_size=tp,
+                                pipeline_parallel_size=pp)
+        assert tokens == ref, (tp, pp)
+        _assert_shards(_runner(llm), tp, pp, kv_split=2 % tp == 0)
+
+
+def test_rules_file_changes_shardings_not_outputs(tiny_dirs, tmp_path):
+    ref, llm = _generate(tiny_dirs["h16"], max_tokens=8, tensor_parallel_size=4)
+    rules = tmp_path / "layout.json"
+    rules.write_text(json.dumps({"preset": "megatron", "rules": {"mlp": None, "vocab": None,
+                                                                 "act_tokens": "tp"}}))
+    tokens, llm2 = _generate(tiny_dirs["h16"], max_tokens=8, tensor_parallel_size=4,
+                             sharding_rules=str(rules))
+    assert tokens == ref
+
+    def spec(l, name):
+        return _weights(_runner(l))[name].sharding.spec
+
+    assert spec(llm, "layers/w_up") != spec(llm2, "layers/w_up")
+    assert spec(llm2, "layers/w_up") == jax.sharding.PartitionSpec()
+    assert spec(llm2, "embed") == jax.sharding.PartitionSpec()
+    tokens3, llm3 = _generate(tiny_dirs["h16"], max_tokens=8, tensor_parallel_size=4,
+                              sharding_rules="embed-parallel")
+    assert tokens3 == ref
+    assert spec(llm3, "layers/wq") == jax.sharding.PartitionSpec(None, "tp")
+
+
+def test_tp_does_not_divide_heads_is_a_clear_error(tiny_dirs):
+    with pytest.raises(ValueError, match="attention heads.*not divisible"):
+        _generate(tiny_dirs["h8"], tensor_parallel_size=3)
+
+
+# ----------------------------------------------------------------------------- collectives
+def _collectives(tp, pp, rules=None):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from model_zoo.attention import AttentionMetadata
+    from model_zoo.config import ModelConfig
+    from model_zoo.llama import LlamaForCausalLM, init_kv_cache
+    from model_zoo.loaders.dummy import dummy_params
+    from sharding import build_layout
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64,
+                      intermediate_size=128, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=8)
+    layout = build_layout(cfg, tensor_parallel_size=tp, pipeline_parallel_size=pp, rules=rules)
+    params = dummy_params(cfg, jnp.float32, sharding_for=layout.sharding_for, seed=0, progress=False)
+    graphdef, state = nnx.split(layout.attach(LlamaForCausalLM(cfg, params)))
+    kv = init_kv_cache(cfg, 16, 8, jnp.float32, sharding=layout.kv_cache_sharding())
+
+    def f(state, kv, tokens, md, idx):
+        return nnx.merge(graphdef, state)(tokens, kv, md, idx)
+
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=layout.replicated())  # noqa: E731
+    md = AttentionMetadata(i32(16), i32(16), i32(16), i32(4, 4), i32(4), i32(5))
+    hlo = jax.jit(f).lower(state, kv, i32(16), md, i32(4)).compile().as_text()
+    # The layer scan is one while loop: its body's collectives are the per-layer ones.
+    counts = {}
+    for op in ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all"):
+        counts[op] = len(re.findall(rf"= \S+ {op}(?:-start)?\(", hlo))
+    return counts
+
+
+def test_tensor_parallel_layer_has_two_all_reduces_and_nothing_else():
+    # Per layer: one all-reduce after attention (row-parallel wo), one after the MLP (w_down);
+    # plus one for the vocab-parallel embedding lookup. The KV writes stay shard-local.
+    assert _collectives(2, 1) == {"all-reduce": 3, "all-gather": 0, "reduce-scatter": 0,
+                                  "collective-permute": 0, "all-to-all": 0}
+    # Pipeline: one activation hand-off per tick (in the tick loop), one final all-reduce.
+    assert _collectives(1, 2) == {"all-reduce": 1, "all-gather": 0, "reduce-scatter": 0,
+                                  "collective-permute": 1, "all-to-all": 0}
+    assert _collectives(2, 2)["all-reduce"] == 4
