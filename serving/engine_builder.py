@@ -72,6 +72,10 @@ def build_engine_parts(args: EngineArgs) -> dict:
     from serving.tokenizer import load_tokenizer
     from serving.model_runner import ModelRunner
 
+    from sharding import initialize_distributed
+
+    # Multi-host (JAXLLM_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID): before any device use.
+    initialize_distributed()
     enable_compilation_cache(args.compilation_cache_dir)
     platform = jax.default_backend()
     devices = jax.devices()
@@ -141,6 +145,10 @@ def build_engine_parts(args: EngineArgs) -> dict:
                          kv_cache=kv_cache, max_logprobs=args.max_logprobs, seed=args.seed,
                          eos_token_ids=eos, layout=layout, decode_buckets=attn_name == "pallas")
     runner.compile_all()
+    if jax.process_count() > 1 and jax.process_index() == 0:
+        from sharding.multihost import BroadcastingRunner
+
+        runner = BroadcastingRunner(runner)   # followers replay each plan (see run_follower)
     scheduler = Scheduler(num_pages=kv_plan.num_pages, page_size=kv_plan.page_size,
                           max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens,
@@ -156,3 +164,15 @@ def build_engine_parts(args: EngineArgs) -> dict:
     return dict(model_config=config, tokenizer=tokenizer, scheduler=scheduler, runner=runner,
                 max_model_len=max_model_len, eos_token_ids=eos,
                 default_sampling=default_sampling_from_generation_config(gen), model_name=name)
+
+
+def run_follower(args: EngineArgs) -> int:
+    """A multi-host process other than 0: build the same model and runner, then run every step
+    plan process 0 publishes, until it stops. Returns the number of steps run."""
+    from sharding import initialize_distributed
+    from sharding.multihost import follow
+
+    if not initialize_distributed() or jax.process_index() == 0:
+        raise ValueError("run_follower is for processes other than 0 of a multi-host job "
+                         "(set JAXLLM_COORDINATOR_ADDRESS, JAXLLM_NUM_PROCESSES, JAXLLM_PROCESS_ID)")
+    return follow(build_engine_parts(args)["runner"])
