@@ -38,7 +38,7 @@ def check_pallas_equals_xla(results: dict) -> None:
     with tempfile.TemporaryDirectory() as d, jax.default_matmul_precision("highest"):
         path, _ = make_tiny_hf_model("llama", d, vocab_size=1000, hidden_size=512, intermediate_size=1024,
                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                     with_tokenizer=False)
+                                     with_tokenizer=True)
         rng = np.random.RandomState(0)
         prompts = [{"prompt_token_ids": rng.randint(0, 1000, size=n).tolist()}
                    for n in (1, 5, 16, 17, 31, 64, 100, 150, 200, 255)]

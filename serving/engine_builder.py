@@ -108,6 +108,10 @@ def build_engine_parts(args: EngineArgs) -> dict:
     model = build_model(config, params, attention_fn=attn_fn)
     if layout is not None:
         layout.attach(model)
+    elif platform == "gpu":
+        from model_zoo.llama import unrolled_layers
+
+        model.layer_stack = unrolled_layers       # 2x faster decode than the scan on H100 (see there)
     logger.info("Weights ready in %.1f s; attention backend: %s", time.perf_counter() - t0, attn_name)
 
     defaults = _GPU_DEFAULTS if platform == "gpu" else _CPU_DEFAULTS
