@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                torch_threads=torch.get_num_threads())
     config = {"model": "SmolLM2-135M-Instruct.Q4_1.gguf (dequantized to float32 by both)", "dataset": "random",
               "num_prompts": ns.num_prompts, "input_len": f"{ns.input_len} +-33% (uniform)",
-              "output_len": ns.output_len, "sampling": "greedy, EOS ignored", "seed": ns.seed}
+              "output_len": f"{ns.output_len} +-33% (uniform)", "sampling": "greedy, EOS ignored", "seed": ns.seed}
     results_doc = {"jaxllm": jax_res, "transformers": hf_runs, "transformers_best_batch_size": best["batch_size"],
                    "output_throughput_ratio_jaxllm_over_hf": ratio,
                    "total_throughput_ratio_jaxllm_over_hf": jax_res["tokens_per_second"] / best["tokens_per_second"]}
