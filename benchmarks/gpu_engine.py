@@ -24,9 +24,10 @@ import numpy as np
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        return os.environ.get("JAXLLM_COMMIT", "unknown")
+        out = ""
+    return out or os.environ.get("JAXLLM_COMMIT", "unknown")   # the GPU machine's copy has no .git
 
 
 def check_pallas_equals_xla(results: dict) -> None:
