@@ -98,6 +98,10 @@ class ModelConfig:
     def num_params(self) -> int:
         e, f, d = self.hidden_size, self.intermediate_size, self.head_dim
         attn = e * d * (self.num_heads * 2 + self.num_kv_heads * 2)
+        if self.attention_bias:
+            attn += d * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * d
         per_layer = attn + 3 * e * f + 2 * e
         emb = self.vocab_size * e * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + e
