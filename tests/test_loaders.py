@@ -232,8 +232,7 @@ def test_dummy_builtin_configs_shapes(name):
     specs = param_specs(resolved.config)
     assert {k: tuple(v.shape) for k, v in shapes.items()} == {k: s for k, (s, _) in specs.items()}
     assert all(v.dtype == jnp.bfloat16 for v in shapes.values())
-    if not resolved.config.attention_bias:  # ModelConfig.num_params leaves out qkv biases
-        assert sum(int(np.prod(v.shape)) for v in shapes.values()) == resolved.config.num_params
+    assert sum(int(np.prod(v.shape)) for v in shapes.values()) == resolved.config.num_params
 
 
 # --- orbax ---------------------------------------------------------------------------------
