@@ -164,3 +164,16 @@ def test_multi_device_suite():
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], tail
+
+
+def test_benchmark_layout_specs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "sharding_layouts", os.path.join(ROOT, "benchmarks", "sharding_layouts.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_layout("tp=2,pp=2") == {"name": "tp=2,pp=2", "tp": 2, "pp": 2, "rules": None}
+    assert mod.parse_layout("tp=4:replicated-vocab")["rules"] == "replicated-vocab"
+    with pytest.raises(ValueError, match="bad layout"):
+        mod.parse_layout("dp=2")
