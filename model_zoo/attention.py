@@ -21,6 +21,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.reference import paged_attention_reference
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -55,29 +57,9 @@ def paged_attention_xla(q, k_cache, v_cache, layer, md: AttentionMetadata, *, sc
                         max_query_len: int | None = None):
     """Plain-jnp ragged paged attention: gathers each token's sequence pages. q: [T, H, D] -> [T, H, D].
 
-    ``max_query_len`` is the runner's static hint (1 = decode-only step); this path needs none.
-
     Memory is O(T x max_pages x page_size): the CPU default and the GPU fallback, not the fast path.
+    ``max_query_len`` is the runner's static hint (1 = decode-only step); this path needs none.
+    It is the kernels' pure-jnp reference at the backend's default matmul precision.
     """
-    t, h, d = q.shape
-    _, hkv, _, page_size, _ = k_cache.shape
-    g = h // hkv
-    pages = md.block_tables[md.token_seq_ids]                      # [T, max_pages]
-    k = k_cache[layer][:, pages]                                   # [Hkv, T, max_pages, page, D]
-    v = v_cache[layer][:, pages]
-    ctx = pages.shape[1] * page_size
-    k = k.reshape(hkv, t, ctx, d)
-    v = v.reshape(hkv, t, ctx, d)
-    qg = q.reshape(t, hkv, g, d)
-    s = jnp.einsum("tkgd,ktcd->tkgc", qg.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    if soft_cap is not None:
-        s = jnp.tanh(s / soft_cap) * soft_cap
-    key_pos = jnp.arange(ctx)[None, :]
-    qpos = md.positions[:, None]
-    mask = key_pos <= qpos
-    if sliding_window is not None:
-        mask &= key_pos > qpos - sliding_window
-    s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
-    out = jnp.einsum("tkgc,ktcd->tkgd", p, v.astype(jnp.float32))
-    return out.reshape(t, h, d).astype(q.dtype)
+    return paged_attention_reference(q, k_cache, v_cache, layer, md, scale=scale, soft_cap=soft_cap,
+                                     sliding_window=sliding_window, precision=jax.lax.Precision.DEFAULT)

@@ -18,8 +18,11 @@ import jax.numpy as jnp
 
 def paged_attention_reference(q, k_cache, v_cache, layer, md, *, scale: float,
                               soft_cap: float | None = None,
-                              sliding_window: int | None = None):
-    """q: [T, H, D]; caches: [L, Hkv, P, page, D]; md: AttentionMetadata -> [T, H, D] in q.dtype."""
+                              sliding_window: int | None = None,
+                              precision=jax.lax.Precision.HIGHEST):
+    """q: [T, H, D]; caches: [L, Hkv, P, page, D]; md: AttentionMetadata -> [T, H, D] in q.dtype.
+
+    ``precision`` of the two einsums: HIGHEST for tests; the XLA serving backend passes DEFAULT."""
     t, h, d = q.shape
     _, hkv, _, page_size, _ = k_cache.shape
     group = h // hkv
@@ -31,7 +34,7 @@ def paged_attention_reference(q, k_cache, v_cache, layer, md, *, scale: float,
     v = layer_v[:, pages].reshape(hkv, t, ctx, d).astype(jnp.float32)
     qg = q.astype(jnp.float32).reshape(t, hkv, group, d)
     logits = jnp.einsum("tkgd,ktcd->tkgc", qg, k,
-                        precision=jax.lax.Precision.HIGHEST) * scale
+                        precision=precision) * scale
     if soft_cap is not None:
         logits = jnp.tanh(logits / soft_cap) * soft_cap
     key_pos = jnp.arange(ctx)[None, :]
@@ -41,5 +44,5 @@ def paged_attention_reference(q, k_cache, v_cache, layer, md, *, scale: float,
         visible &= key_pos > q_pos - sliding_window
     logits = jnp.where(visible[:, None, None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("tkgc,ktcd->tkgd", probs, v, precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum("tkgc,ktcd->tkgd", probs, v, precision=precision)
     return out.reshape(t, h, d).astype(q.dtype)
