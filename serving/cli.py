@@ -25,8 +25,8 @@ import threading
 from typing import Optional, Sequence
 
 from serving.config import ATTENTION_BACKENDS, DTYPES, LOAD_FORMATS, SCHEDULING_POLICIES, EngineArgs
-from serving.server.args import (CHAT_TEMPLATE_CONTENT_FORMATS, DEFAULT_MAX_REQUEST_BODY_BYTES, UVICORN_LOG_LEVELS,
-                                 ServerArgs)
+from serving.server.args import (CHAT_TEMPLATE_CONTENT_FORMATS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_REQUEST_BODY_BYTES,
+                                 DEFAULT_SHUTDOWN_TIMEOUT_S, UVICORN_LOG_LEVELS, ServerArgs)
 
 logger = logging.getLogger("serving.cli")
 
@@ -146,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enable-request-id-headers", action="store_true", help="send X-Request-Id on every response")
     s.add_argument("--max-request-body-bytes", type=_bytes, default=DEFAULT_MAX_REQUEST_BODY_BYTES,
                    help="larger request bodies get 413")
+    s.add_argument("--max-header-bytes", type=_bytes, default=DEFAULT_MAX_HEADER_BYTES,
+                   help="larger request lines + headers get 431")
+    s.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests admitted but not yet started beyond which new ones get 503 with Retry-After "
+                        "(default: unbounded)")
+    s.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may take from arrival to its last token; then it is aborted and "
+                        "the client gets 504 (or an error event in a stream) (default: no deadline)")
+    s.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                   help="on SIGTERM, seconds in-flight requests may take to finish while new ones get 503")
     s.add_argument("--metrics-without-auth", action="store_true", help="serve /metrics without the API key")
     s.add_argument("--uvicorn-log-level", default="info", choices=UVICORN_LOG_LEVELS, help="uvicorn's log level")
     s.add_argument("--disable-log-requests", action="store_true", help="do not log each request")
@@ -257,19 +267,26 @@ def _make_uvicorn_server(config):
     return _Server(config)
 
 
-def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
-    """Load the engine (blocking: weights, KV cache, compilation), then serve until stopped."""
+def uvicorn_config(app, server_args: ServerArgs):
+    """uvicorn's settings for `app`: the h11 protocol with the envelope and the header limit (431)."""
     import uvicorn
 
+    from serving.server.http_protocol import EnvelopeH11Protocol
+
+    return uvicorn.Config(app, host=server_args.host, port=server_args.port, log_level=server_args.uvicorn_log_level,
+                          root_path=server_args.root_path, ssl_keyfile=server_args.ssl_keyfile,
+                          ssl_certfile=server_args.ssl_certfile, access_log=not server_args.disable_log_requests,
+                          http=EnvelopeH11Protocol, h11_max_incomplete_event_size=server_args.max_header_bytes)
+
+
+def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
+    """Load the engine (blocking: weights, KV cache, compilation), then serve until stopped."""
     from serving.async_llm import AsyncLLM
     from serving.server.app import build_app
 
     engine = AsyncLLM.from_engine_args(engine_args)
     app = build_app(engine, server_args)
-    config = uvicorn.Config(app, host=server_args.host, port=server_args.port, log_level=server_args.uvicorn_log_level,
-                            root_path=server_args.root_path, ssl_keyfile=server_args.ssl_keyfile,
-                            ssl_certfile=server_args.ssl_certfile, access_log=not server_args.disable_log_requests)
-    server = _make_uvicorn_server(config)
+    server = _make_uvicorn_server(uvicorn_config(app, server_args))
     # The app asks uvicorn to stop when the engine's device loop dies, so an orchestrator restarts us.
     app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
     asyncio.run(server.serve())

@@ -8,6 +8,9 @@ from typing import Optional
 UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 CHAT_TEMPLATE_CONTENT_FORMATS = ("auto", "string", "openai")
 DEFAULT_MAX_REQUEST_BODY_BYTES = 4 * 1024 * 1024
+# Request line + headers; larger get 431. h11's own default, and what nginx's large_client_header_buffers allows.
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +29,10 @@ class ServerArgs:
     disable_fastapi_docs: bool = False
     enable_request_id_headers: bool = False
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_queued_requests: Optional[int] = None    # admitted but not yet started; None: unbounded
+    request_timeout: Optional[float] = None       # seconds from arrival to the last token; None: no deadline
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S   # SIGTERM: how long in-flight requests may finish
     uvicorn_log_level: str = "info"
     disable_log_requests: bool = False
     disable_log_stats: bool = False
@@ -40,6 +47,14 @@ class ServerArgs:
             raise ValueError(f"port must be in 0..65535; got {self.port}")
         if self.max_request_body_bytes < 1024:
             raise ValueError(f"max_request_body_bytes must be at least 1024; got {self.max_request_body_bytes}")
+        if self.max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes must be at least 1024; got {self.max_header_bytes}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be at least 1; got {self.max_queued_requests}")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be positive; got {self.request_timeout}")
+        if not self.shutdown_timeout >= 0:
+            raise ValueError(f"shutdown_timeout must be at least 0; got {self.shutdown_timeout}")
         if self.uvicorn_log_level not in UVICORN_LOG_LEVELS:
             raise ValueError(f"uvicorn_log_level must be one of {', '.join(UVICORN_LOG_LEVELS)}; "
                              f"got {self.uvicorn_log_level!r}")

@@ -14,6 +14,7 @@ from typing import Optional
 
 from serving.server.args import ServerArgs
 from serving.server.errors import error_bytes
+from serving.server.http_protocol import header_bytes
 
 # Deeper JSON than this is refused before parsing: real requests nest a handful of levels, and a
 # deeply nested body would otherwise exhaust the JSON parser's recursion.
@@ -83,6 +84,8 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if header_bytes(scope) > self.args.max_header_bytes:
+            return await self._reply(send, 431, f"request line and headers exceed {self.args.max_header_bytes} bytes")
         if self.expected_auth is not None and scope.get("method") != "OPTIONS" \
                 and routed_path(scope) not in self.open_paths and not self._authorized(scope):
             return await self._reply(send, 401, "invalid or missing API key",
