@@ -126,7 +126,7 @@ def build_engine_parts(args: EngineArgs) -> dict:
         gpu_memory_utilization=args.gpu_memory_utilization,
         num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_memory=args.kv_cache_memory,
         max_model_len=args.max_model_len, default_max_model_len=defaults.get("max_model_len"),
-        device_memory=mem,
+        device_memory=mem, num_shards=layout.kv_cache_shards if layout else 1,
         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
     max_model_len = kv_plan.max_model_len
     logger.info("KV cache: %d pages of %d tokens (%.2f GiB); maximum concurrency for %d tokens per "

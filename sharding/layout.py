@@ -35,6 +35,8 @@ def _axes_tuple(value: MeshAxes) -> tuple[str, ...]:
 
 
 class ShardingLayout:
+    KV_CACHE_AXES = ("layers", "kv_heads", None, None, None)   # [L, Hkv, pages, page_size, D]
+
     def __init__(self, config, mesh: jax.sharding.Mesh, rules: ShardingRules):
         self.config = config
         self.mesh = mesh
@@ -111,7 +113,13 @@ class ShardingLayout:
 
     def kv_cache_sharding(self) -> NamedSharding:
         """k_cache / v_cache [L, Hkv, P, page, D]: layers over stages, KV heads over tp."""
-        return self.sharding(("layers", "kv_heads", None, None, None))
+        return self.sharding(self.KV_CACHE_AXES)
+
+    @property
+    def kv_cache_shards(self) -> int:
+        """How many devices one KV page is split over (each holds 1/n of its bytes)."""
+        mesh_axes = [m for entry in self.spec(self.KV_CACHE_AXES) for m in _axes_tuple(entry)]
+        return self.axis_size(tuple(mesh_axes) or None)
 
     @property
     def pipeline_stages(self) -> int:

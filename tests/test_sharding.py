@@ -177,3 +177,9 @@ def test_benchmark_layout_specs():
     assert mod.parse_layout("tp=4:replicated-vocab")["rules"] == "replicated-vocab"
     with pytest.raises(ValueError, match="bad layout"):
         mod.parse_layout("dp=2")
+
+
+def test_kv_cache_shards_count_the_devices_a_page_is_split_over():
+    assert _layout(tp=2, pp=2, num_kv_heads=2).kv_cache_shards == 4
+    assert _layout(tp=4, pp=1, num_kv_heads=2).kv_cache_shards == 1      # replicated KV heads
+    assert _layout("mlp-only", tp=2, pp=1).kv_cache_shards == 1
