@@ -245,10 +245,23 @@ def parse_serve_args(argv: Sequence[str]) -> tuple[EngineArgs, ServerArgs]:
     return engine_args, server_args
 
 
-def _make_uvicorn_server(config):
+# After a drain (or an engine failure) uvicorn waits this long for connections still open, then cancels
+# their handlers, which aborts their engine requests. Idle keep-alive connections close at once.
+GRACEFUL_CLOSE_S = 2
+
+
+def _make_uvicorn_server(config, begin_drain=None):
+    """uvicorn.Server whose first SIGTERM calls `begin_drain()` (503 for new requests, in-flight ones
+    finish, then the app stops the server); SIGINT or a second SIGTERM stops at once."""
     import uvicorn
 
     class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if sig == signal.SIGTERM and begin_drain is not None and not self.should_exit and begin_drain():
+                logger.info("SIGTERM: draining (send it again to stop now)")
+                return
+            super().handle_exit(sig, frame)
+
         @contextlib.contextmanager
         def capture_signals(self):
             # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would end
@@ -276,7 +289,8 @@ def uvicorn_config(app, server_args: ServerArgs):
     return uvicorn.Config(app, host=server_args.host, port=server_args.port, log_level=server_args.uvicorn_log_level,
                           root_path=server_args.root_path, ssl_keyfile=server_args.ssl_keyfile,
                           ssl_certfile=server_args.ssl_certfile, access_log=not server_args.disable_log_requests,
-                          http=EnvelopeH11Protocol, h11_max_incomplete_event_size=server_args.max_header_bytes)
+                          http=EnvelopeH11Protocol, h11_max_incomplete_event_size=server_args.max_header_bytes,
+                          timeout_graceful_shutdown=GRACEFUL_CLOSE_S)
 
 
 def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
@@ -286,7 +300,7 @@ def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
 
     engine = AsyncLLM.from_engine_args(engine_args)
     app = build_app(engine, server_args)
-    server = _make_uvicorn_server(uvicorn_config(app, server_args))
+    server = _make_uvicorn_server(uvicorn_config(app, server_args), begin_drain=app.state.lifecycle.begin_drain)
     # The app asks uvicorn to stop when the engine's device loop dies, so an orchestrator restarts us.
     app.state.request_shutdown = lambda: setattr(server, "should_exit", True)
     asyncio.run(server.serve())

@@ -94,3 +94,115 @@ def test_oversized_headers_are_431_over_a_raw_socket(server):
     status, body = _raw_request(port, b"NOT HTTP AT ALL\r\n\r\n")
     assert status == 400 and body["error"]["code"] == 400
     assert httpx.get(base + "/health").status_code == 200
+
+
+def _complete(client: httpx.AsyncClient, base: str, **body):
+    return client.post(base + "/v1/completions", json={"prompt": "abc", "max_tokens": 2, **body}, timeout=30)
+
+
+def test_bounded_queue_rejects_with_503_and_retry_after():
+    engine = FakeAsyncLLM(step_delay=0.3)   # nothing starts (first output) for 0.3 s: all arrivals queue
+    with serve(engine, max_queued_requests=3) as (base, app, _, _):
+        async def burst():
+            async with httpx.AsyncClient() as client:
+                return await asyncio.gather(*[_complete(client, base) for _ in range(8)])
+
+        responses = asyncio.run(burst())
+        assert sorted(r.status_code for r in responses) == [200] * 3 + [503] * 5
+        for r in responses:
+            if r.status_code == 503:
+                err = assert_envelope(r, 503)
+                assert r.headers["retry-after"] == "1" and "overloaded" in err["message"]
+            else:
+                assert r.json()["choices"][0]["text"] == "ab"
+        lifecycle = app.state.lifecycle
+        assert lifecycle.queued == 0 and lifecycle.in_flight == 0 and lifecycle.rejected == 5
+        assert len(engine.requests) == 3                   # the refused ones never reached the engine
+        assert httpx.post(base + "/v1/completions", json={"prompt": "abc", "max_tokens": 2}).status_code == 200
+
+
+def test_request_timeout_aborts_with_a_readable_error():
+    engine = FakeAsyncLLM(step_delay=0.05)
+    with serve(engine, request_timeout=0.4) as (base, app, _, _):
+        t0 = time.monotonic()
+        r = httpx.post(base + "/v1/completions", json={"prompt": "abc", "max_tokens": 100}, timeout=30)
+        assert time.monotonic() - t0 < 2.0
+        err = assert_envelope(r, 504)
+        assert "0.4 s" in err["message"]
+        r = httpx.post(base + "/v1/chat/completions", timeout=30,
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": True})
+        assert r.status_code == 200
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 504
+        assert 2 <= len(events) - 2 <= 12          # some tokens streamed before the deadline
+        assert len(engine.aborted) == 2 and not engine.running
+        assert app.state.lifecycle.queued == 0
+        # Within the deadline nothing changes.
+        assert httpx.post(base + "/v1/completions", json={"prompt": "abc", "max_tokens": 3}).json()[
+            "choices"][0]["text"] == "abc"
+
+
+def test_drain_finishes_in_flight_requests_and_refuses_new_ones():
+    engine = FakeAsyncLLM(step_delay=0.05)
+    with serve(engine, shutdown_timeout=10) as (base, app, _, server):
+        lifecycle = app.state.lifecycle
+        result = {}
+
+        def long_stream():
+            r = httpx.post(base + "/v1/completions", json={"prompt": "abc", "max_tokens": 20, "stream": True},
+                           timeout=30)
+            result["events"] = sse_events(r.text)
+
+        thread = threading.Thread(target=long_stream)
+        thread.start()
+        while not engine.running:
+            time.sleep(0.01)
+        assert lifecycle.begin_drain() and not lifecycle.begin_drain()   # what SIGTERM calls; once
+        r = httpx.post(base + "/v1/completions", json={"prompt": "abc", "max_tokens": 2})
+        assert_envelope(r, 503)
+        assert r.headers["retry-after"] == "5"
+        assert httpx.get(base + "/health").status_code == 503
+        assert httpx.get(base + "/metrics").status_code == 200          # still scrapeable while draining
+        assert not server.should_exit                                   # the stream is still running
+        thread.join(20)
+        events = result["events"]
+        assert events[-1] == "[DONE]" and "".join(e["choices"][0]["text"] for e in events[:-1]) == "abcabcabcabcabcabcab"
+        deadline = time.monotonic() + 5
+        while not server.should_exit:
+            assert time.monotonic() < deadline, "the server was not asked to stop after the drain"
+            time.sleep(0.02)
+        assert not engine.aborted
+
+
+def test_drain_is_bounded_by_the_shutdown_timeout():
+    engine = FakeAsyncLLM(step_delay=0.05)
+    with serve(engine, shutdown_timeout=0.3) as (base, app, _, server):
+        def cut_off_stream():
+            with pytest.raises(httpx.RemoteProtocolError):   # the server closes it mid-stream
+                httpx.post(base + "/v1/completions", json={"prompt": "abc", "max_tokens": 100, "stream": True},
+                           timeout=30)
+
+        thread = threading.Thread(target=cut_off_stream)
+        thread.start()
+        while not engine.running:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        app.state.lifecycle.begin_drain()
+        while not server.should_exit:
+            assert time.monotonic() - t0 < 3
+            time.sleep(0.02)
+        assert time.monotonic() - t0 >= 0.25
+        thread.join(20)
+    assert engine.aborted   # the cut-off request was aborted in the engine when uvicorn cancelled it
+
+
+def test_new_server_flags():
+    from serving.cli import parse_serve_args
+
+    _, args = parse_serve_args(["--max-header-bytes", "8KiB", "--max-queued-requests", "32", "--request-timeout",
+                                "2.5", "--shutdown-timeout", "5"])
+    assert (args.max_header_bytes, args.max_queued_requests, args.request_timeout, args.shutdown_timeout) == (
+        8192, 32, 2.5, 5.0)
+    for bad in (["--max-queued-requests", "0"], ["--request-timeout", "0"], ["--shutdown-timeout", "-1"]):
+        with pytest.raises(Exception):
+            parse_serve_args(bad)

@@ -23,6 +23,7 @@ from serving.server.chat import create_chat_completion
 from serving.server.completions import create_completion
 from serving.server.errors import APIError, error_response, install_handlers
 from serving.server.guard import GuardMiddleware
+from serving.server.lifecycle import Lifecycle
 from serving.server.metrics import CONTENT_TYPE, ServerMetrics
 from serving.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ResponsesRequest,
                                      TokenizeRequest)
@@ -67,15 +68,25 @@ async def _watch_engine(app: FastAPI, engine, interval: float = 0.5) -> None:
         request_shutdown()
 
 
+async def _watch_drain(app: FastAPI, lifecycle: Lifecycle) -> None:
+    """Once a drain begins (SIGTERM), wait for in-flight requests (bounded), then ask the server to stop."""
+    await lifecycle.wait_drained()
+    request_shutdown = getattr(app.state, "request_shutdown", None)
+    if request_shutdown is not None:
+        request_shutdown()
+
+
 def build_app(engine, args: ServerArgs = ServerArgs()) -> FastAPI:
     state = prep.ServingState.from_engine(engine, args)
     metrics = ServerMetrics(engine, state.model_name)
     state.metrics = metrics
+    lifecycle = Lifecycle(args)
+    state.lifecycle = lifecycle
     started = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        tasks = [asyncio.create_task(_watch_engine(app, engine))]
+        tasks = [asyncio.create_task(_watch_engine(app, engine)), asyncio.create_task(_watch_drain(app, lifecycle))]
         if not args.disable_log_stats:
             tasks.append(asyncio.create_task(_log_stats(engine, STATS_LOG_INTERVAL_S)))
         try:
@@ -88,9 +99,10 @@ def build_app(engine, args: ServerArgs = ServerArgs()) -> FastAPI:
     docs = {} if not args.disable_fastapi_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="jaxllm OpenAI-compatible server", version=jaxllm_version(), lifespan=lifespan, **docs)
     app.state.serving = state
+    app.state.lifecycle = lifecycle
     install_handlers(app)
     # Added last = outermost: CORS answers browser preflights before the key check sees them.
-    app.add_middleware(GuardMiddleware, args=args)
+    app.add_middleware(GuardMiddleware, args=args, lifecycle=lifecycle)
     app.add_middleware(CORSMiddleware, allow_origins=list(args.allowed_origins),
                        allow_methods=list(args.allowed_methods), allow_headers=list(args.allowed_headers),
                        allow_credentials=args.allow_credentials)
@@ -99,6 +111,9 @@ def build_app(engine, args: ServerArgs = ServerArgs()) -> FastAPI:
     async def health() -> Response:
         if getattr(engine, "is_dead", False):
             return error_response("the engine has stopped; the server is shutting down", 503)
+        if lifecycle.draining:
+            err = lifecycle.draining_error()
+            return error_response(err.message, err.status, headers=err.headers)
         return Response(status_code=200)
 
     @app.get("/version")

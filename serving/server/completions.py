@@ -44,7 +44,14 @@ async def start_jobs(state: prep.ServingState, raw: Request, stem: str, prompts,
             logger.info("Received request %s: %d prompt tokens, %s", rid, len(ids), params)
         jobs.append((rid, lambda ids=ids, params=params, rid=rid: engine.generate(
             ids, params, rid, priority=priority, cache_salt=cache_salt)))
-    stream = merged_outputs(engine, jobs, raw)
+    lifecycle = state.lifecycle
+    if lifecycle is None:
+        stream = merged_outputs(engine, jobs, raw)
+    else:
+        # Admission (503 when the queue is full) and the deadline count from here, before the engine sees it.
+        release = lifecycle.admit(len(jobs))
+        stream = merged_outputs(engine, jobs, raw, deadline=lifecycle.deadline(),
+                                timeout_error=lifecycle.timeout_error, on_job_started=lambda _: release())
     try:
         first = await stream.__anext__()
     except StopAsyncIteration:

@@ -20,6 +20,8 @@ from serving.server.http_protocol import header_bytes
 # deeply nested body would otherwise exhaust the JSON parser's recursion.
 MAX_JSON_DEPTH = 64
 _BODY_METHODS = (b"POST", b"PUT", b"PATCH")
+# Probes: answered during a drain (health says 503 itself) and not waited for by it.
+_UNCOUNTED_PATHS = frozenset({"/health", "/metrics"})
 
 
 def routed_path(scope) -> str:
@@ -55,9 +57,10 @@ def json_depth_exceeds(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
 
 
 class GuardMiddleware:
-    def __init__(self, app, args: ServerArgs):
+    def __init__(self, app, args: ServerArgs, lifecycle=None):
         self.app = app
         self.args = args
+        self.lifecycle = lifecycle   # serving.server.lifecycle.Lifecycle: drain state, in-flight count
         self.max_body = args.max_request_body_bytes
         # Digests of equal length, so the comparison time reveals neither the key nor its length.
         self.expected_auth = hashlib.sha256(f"Bearer {args.api_key}".encode()).digest() if args.api_key else None
@@ -91,6 +94,22 @@ class GuardMiddleware:
             return await self._reply(send, 401, "invalid or missing API key",
                                      [(b"www-authenticate", b"Bearer")])
 
+        lifecycle = self.lifecycle
+        path = routed_path(scope)
+        if lifecycle is None or path in _UNCOUNTED_PATHS:
+            return await self._dispatch(scope, receive, send)
+        if lifecycle.draining:
+            err = lifecycle.draining_error()
+            return await self._reply(send, err.status, err.message,
+                                     [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()])
+        # Counted until the response is complete (a stream until its last chunk): what a drain waits for.
+        lifecycle.in_flight += 1
+        try:
+            return await self._dispatch(scope, receive, send)
+        finally:
+            lifecycle.in_flight -= 1
+
+    async def _dispatch(self, scope, receive, send):
         if self.args.enable_request_id_headers:
             request_id = next((v for k, v in scope.get("headers", ()) if k == b"x-request-id"), None)
             request_id = (request_id or uuid.uuid4().hex.encode())[:256]

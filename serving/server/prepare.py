@@ -47,6 +47,7 @@ class ServingState:
     default_sampling: dict
     chat_template: Optional[str]
     metrics: Any = None
+    lifecycle: Any = None          # serving.server.lifecycle.Lifecycle: admission, deadlines, drain
 
     @classmethod
     def from_engine(cls, engine, args: ServerArgs, metrics=None) -> "ServingState":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from starlette.requests import Request
@@ -40,15 +41,26 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def merged_outputs(engine, jobs: Sequence[tuple[str, Callable[[], AsyncIterator[RequestOutput]]]],
-                         request: Optional[Request]) -> AsyncIterator[tuple[int, RequestOutput]]:
+                         request: Optional[Request], *, deadline: Optional[float] = None,
+                         timeout_error: Optional[Callable[[], BaseException]] = None,
+                         on_job_started: Optional[Callable[[int], None]] = None
+                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Yield `(job_index, output)` from all jobs' streams as they arrive.
 
     `jobs` are `(engine_request_id, start)` pairs, `start()` returning the engine's generate stream.
-    Raises the first exception a stream raises, or ClientDisconnected; either way every stream that
-    has not finished is cancelled and aborted before this generator ends.
+    Raises the first exception a stream raises, ClientDisconnected, or `timeout_error()` once the
+    monotonic `deadline` passes; either way every stream that has not finished is cancelled and
+    aborted before this generator ends. `on_job_started(i)` is called exactly once per job: at its
+    first output, its failure, or (at the latest) when this generator ends.
     """
     queue: asyncio.Queue = asyncio.Queue()
     finished: set[int] = set()
+    started: set[int] = set()
+
+    def mark_started(index: int) -> None:
+        if on_job_started is not None and index >= 0 and index not in started:
+            started.add(index)
+            on_job_started(index)
 
     async def pump(index: int, start) -> None:
         stream = start()
@@ -71,7 +83,14 @@ async def merged_outputs(engine, jobs: Sequence[tuple[str, Callable[[], AsyncIte
     watcher = asyncio.create_task(watch()) if request is not None else None
     try:
         while len(finished) < len(jobs):
-            index, item = await queue.get()
+            if deadline is None:
+                index, item = await queue.get()
+            else:
+                try:
+                    index, item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise (timeout_error() if timeout_error is not None else TimeoutError("request deadline passed"))
+            mark_started(index)
             if item is _END:
                 finished.add(index)
             elif isinstance(item, BaseException):
@@ -81,6 +100,8 @@ async def merged_outputs(engine, jobs: Sequence[tuple[str, Callable[[], AsyncIte
                     finished.add(index)
                 yield index, item
     finally:
+        for index in range(len(jobs)):
+            mark_started(index)
         if watcher is not None:
             watcher.cancel()
         pending = [t for t in tasks if not t.done()]
