@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from typing import AsyncIterator, Optional
 
@@ -21,8 +22,34 @@ from serving.sampling_params import SamplingParams
 logger = logging.getLogger("jaxllm")
 
 
+# Test-only fault injection: with this set to N, the N-th non-empty engine step raises inside the
+# runner (after scheduling, so the requests in that step hold pages), as a device fault would.
+FAIL_AT_STEP_ENV = "JAXLLM_TEST_FAIL_AT_STEP"
+
+
 class EngineDeadError(RuntimeError):
     pass
+
+
+class InjectedStepFailure(RuntimeError):
+    """Raised by the test-only fault hook (JAXLLM_TEST_FAIL_AT_STEP)."""
+
+
+def _install_fault_hook(engine: LLMEngine, fail_at_step: int) -> None:
+    runner = engine.runner
+    dispatch = runner.dispatch
+    count = 0
+
+    def failing_dispatch(plan):
+        nonlocal count
+        if not plan.is_empty:
+            count += 1
+            if count >= fail_at_step:
+                raise InjectedStepFailure(f"injected failure in engine step {count} ({FAIL_AT_STEP_ENV})")
+        return dispatch(plan)
+
+    runner.dispatch = failing_dispatch
+    logger.warning("%s=%d: the engine will fail on purpose (test hook)", FAIL_AT_STEP_ENV, fail_at_step)
 
 
 class AsyncLLM:
@@ -39,7 +66,11 @@ class AsyncLLM:
         self._lock = threading.Lock()           # engine calls: step vs add/abort
         self._wakeup = threading.Event()
         self._stopping = False
+        self._closed = False                    # the device loop has ended (failed or shut down)
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+        if fail_at:
+            _install_fault_hook(engine, int(fail_at))
         self._thread = threading.Thread(target=self._run_loop, name="jaxllm-engine", daemon=True)
         self._thread.start()
 
@@ -67,11 +98,24 @@ class AsyncLLM:
                         self._queues.pop(out.request_id, None)
         except BaseException as e:  # noqa: BLE001 - any failure kills the engine, loudly
             logger.exception("Engine loop died")
-            self.is_dead = True
-            self.dead_error = e
-            err = EngineDeadError(f"The engine failed: {type(e).__name__}: {e}")
+            self._fail_all(EngineDeadError(f"The engine failed: {type(e).__name__}: {e}"), e)
+        else:
+            # Stopped by shutdown(): anything still waiting would otherwise wait forever.
+            self._fail_all(EngineDeadError("The engine was shut down."), None)
+
+    def _fail_all(self, err: EngineDeadError, cause: Optional[BaseException]) -> None:
+        # Under the lock, so a generate() racing with this either registers its queue before (and gets
+        # the error here) or sees the loop closed after (and raises at once): no request waits forever.
+        with self._lock:
+            self._closed = True
+            if cause is not None:
+                self.is_dead = True
+                self.dead_error = cause
             for loop, q in list(self._queues.values()):
-                loop.call_soon_threadsafe(q.put_nowait, err)
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, err)
+                except RuntimeError:  # that request's event loop is already closed: nobody is waiting
+                    pass
             self._queues.clear()
 
     # ------------------------------------------------------------------ API
@@ -83,6 +127,8 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._closed:
+                raise EngineDeadError("The engine is dead or shut down; restart the server.")
             self.engine.add_request(request_id, {"prompt": text, "prompt_token_ids": ids}, sampling_params,
                                     priority=priority, cache_salt=cache_salt)
             self._queues[request_id] = (loop, q)
