@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from serving.chat_template import render_chat_template, resolve_chat_template
+from serving.gguf_tokenizer import build_gguf_tokenizer, read_gguf_metadata, supports_gguf_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -161,61 +162,9 @@ class Tokenizer:
         return f"Tokenizer({self.name_or_path!r}, vocab_size={self.vocab_size})"
 
 
-# GGUF metadata value types -> struct format of fixed-size scalars (8 = string, 9 = array).
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
 def _gguf_metadata(gguf_path: str, keys: Sequence[str]) -> dict[str, Any]:
-    """The requested string/scalar metadata values of a GGUF file (absent keys are left out).
-
-    A direct scan of the metadata header: gguf.GGUFReader parses every tensor's and token's entry
-    (seconds for a 49k vocabulary), while this skips over arrays and stops once it has every key.
-    """
-    import struct
-
-    wanted, found = set(keys), {}
-    with open(gguf_path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{gguf_path!r} is not a GGUF file")
-        (version,) = struct.unpack("<I", f.read(4))
-        order = "<" if version < 65536 else ">"  # big-endian files store the version byte-swapped
-        if version in (1, 1 << 24):
-            raise ValueError(f"{gguf_path!r} uses GGUF version 1, which is not supported")
-        _, kv_count = struct.unpack(order + "QQ", f.read(16))
-
-        def read(fmt):
-            return struct.unpack(order + fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def read_str():
-            return f.read(read("Q"))
-
-        def skip_value(vtype):
-            if vtype == 8:
-                f.seek(read("Q"), 1)
-            elif vtype == 9:
-                item_type, count = read("I"), read("Q")
-                if item_type in _GGUF_SCALARS:
-                    f.seek(count * struct.calcsize(_GGUF_SCALARS[item_type]), 1)
-                else:
-                    for _ in range(count):
-                        skip_value(item_type)
-            elif vtype in _GGUF_SCALARS:
-                f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
-            else:
-                raise ValueError(f"{gguf_path!r}: unknown GGUF metadata type {vtype}")
-
-        for _ in range(kv_count):
-            if len(found) == len(wanted):
-                break
-            key = read_str().decode("utf-8", errors="replace")
-            vtype = read("I")
-            if key in wanted and vtype == 8:
-                found[key] = read_str().decode("utf-8")
-            elif key in wanted and vtype in _GGUF_SCALARS:
-                found[key] = read(_GGUF_SCALARS[vtype])
-            else:
-                skip_value(vtype)
-    return found
+    """The requested metadata values of a GGUF file (absent keys are left out)."""
+    return read_gguf_metadata(gguf_path, keys)
 
 
 def _gguf_chat_template(gguf_path: str) -> Optional[str]:
@@ -223,16 +172,16 @@ def _gguf_chat_template(gguf_path: str) -> Optional[str]:
     return _gguf_metadata(gguf_path, ["tokenizer.chat_template"]).get("tokenizer.chat_template")
 
 
-def _gguf_loads_as_generic_class(directory: str, gguf_path: str) -> bool:
-    """Whether AutoTokenizer would give the generic fast class for this GGUF file.
+def _gguf_tokenizer_built_here(directory: str, gguf_path: str) -> bool:
+    """Whether serving.gguf_tokenizer builds this GGUF file's tokenizer (else transformers does).
 
-    AutoTokenizer first parses the file's whole model config (gguf.GGUFReader: ~12 s for SmolLM2)
-    only to pick a tokenizer class from the architecture. For Llama-architecture files (SmolLM2,
-    Llama 3, ...) with no tokenizer class registered for "llama" (transformers 5) and no
-    tokenizer_config.json beside the file, that class is the generic one, built from the same GGUF
-    vocabulary conversion, so we build it directly. Files named Mistral are excluded (transformers
-    maps them to their own type), as is every other architecture. tests/test_tokenizer.py checks
-    that the result equals AutoTokenizer's.
+    transformers' GGUF route imports torch, which a plain install lacks, and parses the whole file
+    first (~10 s for SmolLM2). We build the tokenizer ourselves where transformers would give the
+    generic fast class: Llama-architecture files (SmolLM2, Llama 2/3, ...) with a byte-level (gpt2)
+    or SentencePiece (llama) vocabulary, when transformers (5.x) registers no tokenizer class of its
+    own for "llama" and no tokenizer_config.json beside the file could change its choice. Files
+    named Mistral are excluded (transformers maps them to their own type), as is every other
+    architecture. tests/test_tokenizer.py checks that the result equals AutoTokenizer's.
     """
     try:
         from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
@@ -242,8 +191,23 @@ def _gguf_loads_as_generic_class(directory: str, gguf_path: str) -> bool:
         return False  # transformers 4.x: a Llama tokenizer class of its own
     if os.path.exists(os.path.join(directory, "tokenizer_config.json")):
         return False
-    meta = _gguf_metadata(gguf_path, ["general.architecture", "general.name"])
-    return meta.get("general.architecture") == "llama" and "mistral" not in str(meta.get("general.name", "")).lower()
+    meta = _gguf_metadata(gguf_path, ["general.architecture", "general.name", "tokenizer.ggml.model"])
+    return (meta.get("general.architecture") == "llama"
+            and "mistral" not in str(meta.get("general.name", "")).lower()
+            and supports_gguf_vocab(meta.get("tokenizer.ggml.model")))
+
+
+def _auto_tokenizer_from_gguf(auto_tokenizer, path: str, gguf_file: str, kwargs: dict):
+    """transformers' own GGUF route, for the files serving.gguf_tokenizer does not build."""
+    try:
+        return auto_tokenizer.from_pretrained(path, gguf_file=gguf_file, use_fast=True, **kwargs)
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise ValueError(f"transformers needs PyTorch to read the tokenizer of GGUF file {gguf_file!r} "
+                         "(only Llama-architecture files with a gpt2/llama vocabulary and no tokenizer_config.json "
+                         "beside them are read without it); install torch, or pass --tokenizer with a "
+                         "tokenizer directory") from e
 
 
 def load_tokenizer(path: str, *, gguf_file: Optional[str] = None, revision: Optional[str] = None,
@@ -255,7 +219,7 @@ def load_tokenizer(path: str, *, gguf_file: Optional[str] = None, revision: Opti
     """
     if not path:
         raise ValueError("tokenizer path must be a model directory, a Hub id or a .gguf file")
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # heavy import, deferred to first use
+    from transformers import AutoTokenizer  # heavy import, deferred to first use
 
     path = os.path.expanduser(path)
     if gguf_file is None and path.endswith(".gguf"):
@@ -271,10 +235,11 @@ def load_tokenizer(path: str, *, gguf_file: Optional[str] = None, revision: Opti
 
     kwargs = {"revision": revision} if revision is not None else {}
     try:
-        if gguf_file is not None and _gguf_loads_as_generic_class(path, os.path.join(path, gguf_file)):
-            hf = PreTrainedTokenizerFast.from_pretrained(path, gguf_file=gguf_file, **kwargs)
+        if gguf_file is not None and _gguf_tokenizer_built_here(path, os.path.join(path, gguf_file)):
+            # A local file: revision has nothing to select.
+            hf = build_gguf_tokenizer(os.path.join(path, gguf_file), name_or_path=path)
         elif gguf_file is not None:
-            hf = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, use_fast=True, **kwargs)
+            hf = _auto_tokenizer_from_gguf(AutoTokenizer, path, gguf_file, kwargs)
         else:
             hf = AutoTokenizer.from_pretrained(path, use_fast=True, **kwargs)
     except (OSError, ValueError) as e:
