@@ -86,6 +86,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
         return "invalid request", None
     first = errors[0]
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # A value matching no member of a union fails once per member, each loc ending in the member's
+    # type ("prompt.str", "prompt.list[int]"); the field the client got wrong is their common prefix.
+    others = [[str(p) for p in e.get("loc", ()) if p not in ("body",)] for e in errors[1:]]
+    if others:
+        common = loc
+        for other in others:
+            n = 0
+            while n < min(len(common), len(other)) and common[n] == other[n]:
+                n += 1
+            common = common[:n]
+        loc = common or loc
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
