@@ -409,7 +409,8 @@ def test_serve_startup_imports_and_default_tokenizer_without_torch(smollm2):
     # (building the whole engine would compile for minutes; the GGUF weights load with numpy).
     code = """
 import json
-import serving.cli, serving.server.app, serving.async_llm
+import uvicorn
+import serving.cli, serving.server.app, serving.server.http_protocol, serving.async_llm, serving.llm
 from serving.engine_builder import build_engine_parts
 from model_zoo.loader import resolve_model
 from serving.tokenizer import load_tokenizer
@@ -422,3 +423,26 @@ print(json.dumps({"gguf_file": resolved.gguf_file, "ids": tok.encode("Hello, wor
     assert out["gguf_file"] == SMOLLM2_FILE
     assert out["ids"] == smollm2.encode("Hello, world! 123")
     assert out["eos"] == smollm2.eos_token_id and out["template"] == smollm2.chat_template
+
+
+def test_other_architectures_without_torch_say_so(tmp_path, monkeypatch):
+    # Architectures other than llama still go through transformers' GGUF route, which needs torch:
+    # its absence must read as a clear ValueError, not a bare ModuleNotFoundError.
+    import gguf
+    import transformers
+
+    w = gguf.GGUFWriter(str(tmp_path / "qwen.gguf"), "qwen2")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "ab"])
+    w.add_token_merges(["a b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    def no_torch(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_torch)
+    with pytest.raises(ValueError, match="needs PyTorch"):
+        load_tokenizer(str(tmp_path / "qwen.gguf"))
