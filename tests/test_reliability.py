@@ -206,3 +206,35 @@ def test_new_server_flags():
     for bad in (["--max-queued-requests", "0"], ["--request-timeout", "0"], ["--shutdown-timeout", "-1"]):
         with pytest.raises(Exception):
             parse_serve_args(bad)
+
+
+def test_request_chat_templates_sandboxed_and_time_bounded():
+    chat = [{"role": "user", "content": "hi"}]
+    with serve(FakeAsyncLLM(), trust_request_chat_template=True) as (base, _, engine, _):
+        def chat_call(**body):
+            return httpx.post(base + "/v1/chat/completions", json={"messages": chat, "max_tokens": 2, **body},
+                              timeout=30)
+
+        r = chat_call(chat_template="{{ messages[0]['content'] | upper }}{{ enable_thinking }}",
+                      chat_template_kwargs={"enable_thinking": True})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "HI"
+        assert_envelope(chat_call(chat_template_kwargs={"add_generation_prompt": False}), 400, "chat_template_kwargs")
+        # The immutable sandbox: no attribute walks to Python internals, no mutation of server objects.
+        for template in ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "{{ messages.append(1) }}",
+                         "{% for i in range(10**9) %}{% endfor %}"):
+            assert_envelope(chat_call(chat_template=template), 400, "messages")
+        # A runaway template is cut at its time limit, and meanwhile the server keeps answering others.
+        before = len(engine.requests)
+        result = {}
+        runaway = "{% for i in range(90000) %}{% for j in range(90000) %}{% endfor %}{% endfor %}"
+        thread = threading.Thread(target=lambda: result.update(r=chat_call(chat_template=runaway)))
+        t0 = time.monotonic()
+        thread.start()
+        time.sleep(0.3)
+        t1 = time.monotonic()
+        assert httpx.get(base + "/health", timeout=10).status_code == 200
+        assert time.monotonic() - t1 < 2.0, "a rendering template blocked the event loop"
+        thread.join(30)
+        err = assert_envelope(result["r"], 400, "messages")
+        assert "time limit" in err["message"] and time.monotonic() - t0 < 15
+        assert len(engine.requests) == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
@@ -57,7 +58,9 @@ def _echo_prefix(req: ChatCompletionRequest, role: str) -> str:
 
 
 async def create_chat_completion(state: prep.ServingState, req: ChatCompletionRequest, raw: Request):
-    model, prompt_text, ids, params = prepare_chat(state, req)
+    # Rendering (up to the template's time limit) and tokenizing run off the event loop, so a slow
+    # template or a huge conversation delays only this request, not every other client.
+    model, prompt_text, ids, params = await run_in_threadpool(prepare_chat, state, req)
     response_id, stem = prep.make_request_id("chatcmpl-", req.request_id or raw.headers.get("x-request-id"))
     created = int(time.time())
     role = state.args.response_role
