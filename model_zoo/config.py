@@ -19,7 +19,12 @@ SUPPORTED_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"attention_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    # model_zoo.gemma: (1 + w) RMSNorms around attention and MLP, GeGLU, soft-capping, local/global layers.
+    "Gemma2ForCausalLM": {},
+    "Gemma3ForCausalLM": {"qk_norm": True},
 }
+GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 _DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
@@ -70,6 +75,17 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # The checkpoint's own dtype name ("bfloat16", ...); dtype="auto" uses it on GPU.
     torch_dtype: str = "float32"
+    # Per-layer attention kind, one of LAYER_TYPES per layer (Gemma 2/3 alternate local and global
+    # layers). None: every layer is alike and `sliding_window`, if set, applies to all (Mistral).
+    layer_types: tuple[str, ...] | None = None
+    # Attention scale is query_pre_attn_scalar ** -0.5 (Gemma); None: head_dim ** -0.5.
+    query_pre_attn_scalar: float | None = None
+    # tanh soft-capping of attention scores / final logits: cap * tanh(x / cap) (Gemma 2).
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    # Rope base of the sliding-window layers (Gemma 3's rope_local_base_freq; no scaling there).
+    # None: every layer uses rope_theta and rope_scaling.
+    rope_local_theta: float | None = None
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -89,10 +105,44 @@ class ModelConfig:
             if kind not in ("linear", "llama3", "dynamic", "yarn"):
                 raise ValueError(f"rope_scaling type {kind!r} is not supported "
                                  "(supported: default, linear, dynamic, llama3, yarn)")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                                 f"{self.num_layers} layers")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ValueError(f"layer_types entries {bad} are not supported "
+                                 f"(supported: {', '.join(LAYER_TYPES)})")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        if self.sliding_window is not None and int(self.sliding_window) <= 0:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap",
+                     "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"ModelConfig.{name} must be positive or None, got {value}")
+        if self.architecture in GEMMA_ARCHITECTURES and self.layer_types is None:
+            raise ValueError(f"{self.architecture} needs layer_types (local/global attention per layer)")
 
     @property
     def num_query_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def is_gemma(self) -> bool:
+        """Gemma 2/3 layout: extra post-attention / post-MLP norms, handled by model_zoo.gemma."""
+        return self.architecture in GEMMA_ARCHITECTURES
+
+    @property
+    def attention_scale(self) -> float:
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: full attention)."""
+        if self.layer_types is None:
+            return self.sliding_window
+        return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
 
     @property
     def num_params(self) -> int:
@@ -102,7 +152,7 @@ class ModelConfig:
             attn += d * (self.num_heads + 2 * self.num_kv_heads)
         if self.qk_norm:
             attn += 2 * d
-        per_layer = attn + 3 * e * f + 2 * e
+        per_layer = attn + 3 * e * f + (4 if self.is_gemma else 2) * e
         emb = self.vocab_size * e * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + e
 
@@ -122,6 +172,9 @@ class ModelConfig:
                 f"Model architecture {arch!r} is not supported by jaxllm. "
                 f"Supported architectures: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}.")
         flags = SUPPORTED_ARCHITECTURES[arch]
+        gemma = _gemma_fields(arch, hf) if arch in GEMMA_ARCHITECTURES else {}
+        if "rope_parameters" in gemma:
+            hf = {**hf, "rope_parameters": gemma.pop("rope_parameters")}
         num_heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = hf.get("eos_token_id")
@@ -145,7 +198,8 @@ class ModelConfig:
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
             rope_scaling=_rope_scaling(hf),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            # Gemma ties its embeddings by default (configs on the Hub often leave the key out).
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch in GEMMA_ARCHITECTURES)),
             attention_bias=bool(hf.get("attention_bias", flags.get("attention_bias", False))),
             qk_norm=bool(flags.get("qk_norm", False)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
@@ -153,7 +207,46 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=str(dtype).replace("torch.", ""),
+            **gemma,
         )
+
+
+def _gemma_fields(arch: str, hf: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma 2/3 extras from a config.json (transformers 4 and 5 spellings), plus the global
+    layers' rope dict under "rope_parameters" for the caller's rope parsing."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"{arch} with hidden_activation={act!r} is not supported "
+                         "(jaxllm implements gelu_pytorch_tanh)")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{arch} with use_bidirectional_attention=true (an encoder) is not supported")
+    n = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        # Gemma 2: local, global, local, ...; Gemma 3: sliding_window_pattern - 1 local, then global.
+        period = 2 if arch == "Gemma2ForCausalLM" else int(hf.get("sliding_window_pattern") or 6)
+        layer_types = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(n)]
+    out: dict[str, Any] = {
+        "layer_types": tuple(layer_types),
+        "query_pre_attn_scalar": hf.get("query_pre_attn_scalar"),
+        "attn_logit_softcap": hf.get("attn_logit_softcapping"),
+        "final_logit_softcap": hf.get("final_logit_softcapping"),
+    }
+    rp = hf.get("rope_parameters")
+    if isinstance(rp, Mapping) and ("full_attention" in rp or "sliding_attention" in rp):
+        # transformers 5 (Gemma 3): one rope dict per layer type.
+        local = dict(rp.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"{arch}: rope scaling on sliding-window layers "
+                             f"({local.get('rope_type')!r}) is not supported")
+        out["rope_local_theta"] = float(local.get("rope_theta", 10000.0))
+        out["rope_parameters"] = dict(rp.get("full_attention") or {"rope_type": "default"})
+        out["rope_parameters"].setdefault("rope_theta", 1000000.0)
+    elif arch == "Gemma3ForCausalLM":
+        out["rope_local_theta"] = float(hf.get("rope_local_base_freq", 10000.0))
+        if hf.get("rope_theta") is None and rp is None:
+            out["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0}
+    return out
 
 
 def resolve_dtype(dtype: str, config: ModelConfig, platform: str):

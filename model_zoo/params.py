@@ -13,7 +13,9 @@ maps the logical axis names to mesh axes.
     layers/q_norm      [layers, head_dim]                     (qk_norm)
     layers/k_norm      [layers, head_dim]                     (qk_norm)
     layers/wo          [layers, q_heads * head_dim, embed]
+    layers/post_attn_norm [layers, embed]                     (Gemma: norm of the attention output)
     layers/mlp_norm    [layers, embed]
+    layers/post_mlp_norm  [layers, embed]                     (Gemma: norm of the MLP output)
     layers/w_gate      [layers, embed, mlp]
     layers/w_up        [layers, embed, mlp]
     layers/w_down      [layers, mlp, embed]
@@ -45,9 +47,13 @@ def param_specs(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[s
     if c.qk_norm:
         specs["layers/q_norm"] = ((L, D), ("layers", "norm"))
         specs["layers/k_norm"] = ((L, D), ("layers", "norm"))
+    specs["layers/wo"] = ((L, qd, E), ("layers", "q_heads", "embed"))
+    if c.is_gemma:
+        specs["layers/post_attn_norm"] = ((L, E), ("layers", "norm"))
+    specs["layers/mlp_norm"] = ((L, E), ("layers", "norm"))
+    if c.is_gemma:
+        specs["layers/post_mlp_norm"] = ((L, E), ("layers", "norm"))
     specs.update({
-        "layers/wo": ((L, qd, E), ("layers", "q_heads", "embed")),
-        "layers/mlp_norm": ((L, E), ("layers", "norm")),
         "layers/w_gate": ((L, E, F), ("layers", "embed", "mlp")),
         "layers/w_up": ((L, E, F), ("layers", "embed", "mlp")),
         "layers/w_down": ((L, F, E), ("layers", "mlp", "embed")),

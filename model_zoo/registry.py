@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from model_zoo.config import SUPPORTED_ARCHITECTURES, ModelConfig, UnsupportedArchitectureError
+from model_zoo.config import (GEMMA_ARCHITECTURES, SUPPORTED_ARCHITECTURES, ModelConfig,
+                              UnsupportedArchitectureError)
+from model_zoo.gemma import GemmaForCausalLM
 from model_zoo.llama import LlamaForCausalLM
 
-_REGISTRY = {name: LlamaForCausalLM for name in SUPPORTED_ARCHITECTURES}
+_REGISTRY = {name: GemmaForCausalLM if name in GEMMA_ARCHITECTURES else LlamaForCausalLM
+             for name in SUPPORTED_ARCHITECTURES}
 
 
 def get_model_class(architecture: str):

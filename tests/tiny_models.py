@@ -30,6 +30,28 @@ TINY_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("Qwen3ForCausalLM", {"tie_word_embeddings": False, "head_dim": 16}),
 }
 
+# Gemma 2/3 (model_zoo.gemma), kept apart from TINY_ARCHS, whose tests check Llama-family flags.
+TINY_GEMMA_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Windows of 8 tokens so prompts outgrow them; 3 layers = one local/global group + a local tail.
+    "gemma2": ("Gemma2ForCausalLM", {
+        "tie_word_embeddings": True, "head_dim": 16, "sliding_window": 8,
+        "query_pre_attn_scalar": 24, "attn_logit_softcapping": 4.0, "final_logit_softcapping": 8.0,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }),
+    # Pattern local, local, global over 4 layers (a group of 3 + a local tail); linear rope scaling
+    # on the global layers, a different rope base on the local ones.
+    "gemma3": ("Gemma3ForCausalLM", {
+        "tie_word_embeddings": True, "head_dim": 16, "sliding_window": 8, "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention",
+                        "sliding_attention"],
+        "query_pre_attn_scalar": 16, "hidden_activation": "gelu_pytorch_tanh",
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+        },
+    }),
+}
+
 # Small enough that a forward pass on CPU takes milliseconds; 4 query heads over 2 KV heads so
 # grouped-query attention is exercised; head_dim 16 keeps rope's pairs non-trivial.
 _BASE: dict[str, Any] = {
@@ -49,12 +71,13 @@ _BASE: dict[str, Any] = {
 
 
 def _hf_class_name(arch: str) -> tuple[str, dict[str, Any]]:
-    if arch in TINY_ARCHS:
-        return TINY_ARCHS[arch]
-    for cls_name, extra in TINY_ARCHS.values():
+    archs = {**TINY_ARCHS, **TINY_GEMMA_ARCHS}
+    if arch in archs:
+        return archs[arch]
+    for cls_name, extra in archs.values():
         if arch == cls_name:
             return cls_name, extra
-    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {sorted(TINY_ARCHS)}")
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose from {sorted(archs)}")
 
 
 def make_tiny_tokenizer(out_dir: str | os.PathLike):
@@ -103,7 +126,7 @@ def make_tiny_hf_model(arch: str, out_dir: str | os.PathLike, *, seed: int = 0,
     """Build, save and return a tiny random model: `(path, hf_model)`.
 
     `arch` is a key of TINY_ARCHS ("llama", "llama_tied", "llama3_rope", "mistral", "qwen2",
-    "qwen3") or a transformers class name. `overrides` go into the config (e.g. num_hidden_layers=2,
+    "qwen3") or TINY_GEMMA_ARCHS ("gemma2", "gemma3") or a transformers class name. `overrides` go into the config (e.g. num_hidden_layers=2,
     dtype="bfloat16" to save bfloat16 weights). The model is returned in eval mode, float32 unless
     overridden. Weights are drawn with a std larger than transformers' default init so the logits
     are not all near zero and comparisons mean something.

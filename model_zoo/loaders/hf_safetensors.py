@@ -175,11 +175,21 @@ _HF_NAMES: dict[str, tuple[str, bool]] = {
     "layers/w_down": ("model.layers.{i}.mlp.down_proj.weight", True),
     "final_norm": ("model.norm.weight", False),
     "lm_head": ("lm_head.weight", True),
+    # Gemma 2/3 only (see _GEMMA_HF_NAMES).
+    "layers/post_attn_norm": ("model.layers.{i}.post_attention_layernorm.weight", False),
+    "layers/post_mlp_norm": ("model.layers.{i}.post_feedforward_layernorm.weight", False),
+}
+# Gemma names its pre-MLP norm pre_feedforward_layernorm; its post_attention_layernorm normalises
+# the attention output (our post_attn_norm), not the MLP input as in Llama.
+_GEMMA_HF_NAMES: dict[str, tuple[str, bool]] = {
+    "layers/mlp_norm": ("model.layers.{i}.pre_feedforward_layernorm.weight", False),
 }
 
 
-def hf_tensor_names(name: str, num_layers: int) -> list[str]:
-    template, _ = _HF_NAMES[name]
+def hf_tensor_names(name: str, num_layers: int, config: ModelConfig | None = None) -> list[str]:
+    """The checkpoint tensor names of one parameter (one per layer for stacked ones)."""
+    template, _ = (_GEMMA_HF_NAMES.get(name) if config is not None and config.is_gemma
+                   else None) or _HF_NAMES[name]
     if name.startswith("layers/"):
         return [template.format(i=i) for i in range(num_layers)]
     return [template]
@@ -200,7 +210,7 @@ def safetensors_readers(model_dir: str | os.PathLike, config: ModelConfig, dtype
         per_tensor = shape[1:] if name.startswith("layers/") else shape
         expected = tuple(reversed(per_tensor)) if transpose else tuple(per_tensor)
         sources = []
-        for hf_name in hf_tensor_names(name, config.num_layers):
+        for hf_name in hf_tensor_names(name, config.num_layers, config):
             f = ckpt.find(hf_name)
             if f is None:
                 where = (f"{ckpt.dir / INDEX_FILE}" if (ckpt.dir / INDEX_FILE).is_file()
