@@ -382,6 +382,10 @@ def test_engine_failure_fails_requests_turns_health_503_and_exits_nonzero(tmp_pa
             else:
                 assert status in (500, 503), (stream, status, text[:300])
                 assert '"error"' in text
+        try:   # /health fails readiness until the process is gone
+            assert httpx.get(s.base + "/health", timeout=5).status_code == 503
+        except httpx.TransportError:
+            pass   # already exited
         assert s.proc.wait(60) == 1, s.tail()
         assert "injected failure" in s.tail()
     finally:
