@@ -106,6 +106,8 @@ class ModelConfig:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported "
                                  "(supported: default, linear, dynamic, llama3, yarn)")
         if self.layer_types is not None:
+            # A list (from JSON, e.g. an orbax checkpoint's config) becomes a tuple: configs are hashable.
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
             if len(self.layer_types) != self.num_layers:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
                                  f"{self.num_layers} layers")

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from model_zoo.attention import AttentionMetadata
 from model_zoo.config import ModelConfig
@@ -83,6 +85,13 @@ def _decode_md(lengths, block_tables):
                              jnp.asarray(pos + 1), jnp.arange(len(lengths) + 1, dtype=jnp.int32))
 
 
+def _jitted(model):
+    """model(tokens, kv, md, logits_indices) as one compiled program (eager dispatch is slow)."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, *args: nnx.merge(graphdef, st)(*args))
+    return lambda *args: forward(state, *args)
+
+
 @pytest.mark.parametrize("stack", ["scan", "unrolled"])
 def test_paged_matches_transformers(tiny, stack):
     """Ragged prefill over shuffled pages, then one decode token per sequence reading the cache."""
@@ -92,22 +101,31 @@ def test_paged_matches_transformers(tiny, stack):
         rng = np.random.RandomState(1)
         prompts, toks, md, block_tables, num_pages = _paged_batch(rng, LENGTHS, config.vocab_size)
         kv = init_kv_cache(config, num_pages, PAGE, jnp.float32)
-        logits, kv, hidden = model(jnp.asarray(toks), kv, md, jnp.arange(len(toks)), return_hidden=True)
+        forward = _jitted(model)
+        logits, kv = forward(jnp.asarray(toks), kv, md, jnp.arange(len(toks)))
         logits = np.asarray(logits)
-        np.testing.assert_allclose(np.asarray(model.logits_from_hidden(hidden)), logits, rtol=1e-5,
-                                   atol=1e-5)
         off = 0
         for p in prompts:
             assert _rel_err(logits[off:off + len(p)], _hf_logits(hf, p[None])[0]) <= 1e-4
             off += len(p)
         nxt = rng.randint(0, config.vocab_size, size=len(prompts)).astype(np.int32)
-        logits2, _ = model(jnp.asarray(nxt), kv, _decode_md(LENGTHS, block_tables),
-                           jnp.arange(len(prompts)))
+        logits2, _ = forward(jnp.asarray(nxt), kv, _decode_md(LENGTHS, block_tables),
+                             jnp.arange(len(prompts)))
         for i, p in enumerate(prompts):
             ref = _hf_logits(hf, np.concatenate([p, [nxt[i]]])[None])[0, -1]
             assert _rel_err(np.asarray(logits2[i]), ref) <= 1e-4
     finally:
         model.layer_stack = None
+
+
+def test_return_hidden_feeds_logits_from_hidden(tiny):
+    config, model, _, _ = tiny
+    _, toks, md, _, num_pages = _paged_batch(np.random.RandomState(4), [3, 9], config.vocab_size)
+    kv = init_kv_cache(config, num_pages, PAGE, jnp.float32)
+    logits, _, hidden = model(jnp.asarray(toks), kv, md, jnp.asarray([2, 11]), return_hidden=True)
+    assert hidden.shape == (len(toks), config.hidden_size)
+    np.testing.assert_allclose(np.asarray(model.logits_from_hidden(hidden[jnp.asarray([2, 11])])),
+                               np.asarray(logits), rtol=1e-5, atol=1e-5)
 
 
 def test_param_tree_and_registry(tiny):
@@ -187,3 +205,31 @@ def test_engine_greedy_matches_transformers_generate(arch, tmp_path):
             ref = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=max_tokens,
                               min_new_tokens=max_tokens, pad_token_id=257)[0, len(p):].tolist()
         assert list(out.outputs[0].token_ids) == ref
+
+
+def test_pallas_kernels_match_xla(tiny):
+    """The Pallas kernels (interpreted on CPU) with soft-capping and windows, prefill then decode."""
+    import functools
+
+    from pallas_kernels import paged_attention
+
+    config, model, _, params = tiny
+    if config.attn_logit_softcap is None:
+        pytest.skip("one architecture with soft-capping and windows covers the kernels' options")
+    kernel = functools.partial(paged_attention, interpret=True)
+    prefill = _jitted(GemmaForCausalLM(config, params, attention_fn=kernel))
+    decode = _jitted(GemmaForCausalLM(config, params,      # max_query_len=1: the decode kernel
+                                      attention_fn=functools.partial(kernel, max_query_len=1)))
+    xla = _jitted(model)
+    rng = np.random.RandomState(3)
+    lengths = [5, 19]
+    _, toks, md, block_tables, num_pages = _paged_batch(rng, lengths, config.vocab_size)
+    nxt = jnp.asarray(rng.randint(0, config.vocab_size, size=len(lengths)), jnp.int32)
+    results = []
+    for first, second in ((xla, xla), (prefill, decode)):
+        kv = init_kv_cache(config, num_pages, PAGE, jnp.float32)
+        logits, kv = first(jnp.asarray(toks), kv, md, jnp.arange(len(toks)))
+        logits2, _ = second(nxt, kv, _decode_md(lengths, block_tables), jnp.arange(len(lengths)))
+        results.append((np.asarray(logits), np.asarray(logits2)))
+    for xla_out, pallas_out in zip(*results):
+        assert _rel_err(pallas_out, xla_out) <= 1e-4
