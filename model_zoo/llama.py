@@ -134,16 +134,22 @@ class LlamaForCausalLM(nnx.Module):
         scale = c.head_dim ** -0.5
         h = self._shard(jnp.take(self.embed[...], tokens, axis=0), ("act_tokens", "act_embed"))
         # Per-token metadata may be split into pipeline micro-batches; per-sequence metadata is not.
-        per_token = (md.positions, md.token_seq_ids, md.slot_mapping)
+        token_index = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        per_token = (md.positions, md.token_seq_ids, md.slot_mapping, token_index)
         shared = (md.block_tables, md.seq_lens, md.query_start_loc)
 
         def layer_fn(h, kv, p, layer, per_token, shared, valid):
             """One layer on (a micro-batch of) the tokens; ``layer`` indexes ``kv``'s leading axis.
             ``valid`` False (a pipeline bubble) gives every token the out-of-range slot: no writes."""
-            positions, seq_ids, slots = per_token
+            positions, seq_ids, slots, index = per_token
+            block_tables, seq_lens, qsl = shared
             k_cache, v_cache = kv
             slots = jnp.where(valid, slots, k_cache.shape[2] * k_cache.shape[3])
-            md_mb = AttentionMetadata(positions, seq_ids, slots, *shared)
+            # A micro-batch holds tokens [index[0], index[0] + len): rebase each sequence's query
+            # range onto it (empty for sequences outside). Keys stay causal by position, so a
+            # prompt split over micro-batches sees exactly the keys written before it.
+            qsl = jnp.clip(qsl - index[0], 0, index.shape[0])
+            md_mb = AttentionMetadata(positions, seq_ids, slots, block_tables, seq_lens, qsl)
             cache = {}
 
             def attend(q, k, v):

@@ -107,9 +107,7 @@ def build_engine_parts(args: EngineArgs) -> dict:
     attn_name, attn_fn = _attention_fn(args.attention_backend, platform)
     model = build_model(config, params, attention_fn=attn_fn)
     if layout is not None:
-        # Pipeline micro-batches split the flat tokens; the Pallas kernels read per-sequence
-        # offsets (query_start_loc) that such a split would break, so they run one micro-batch.
-        layout.attach(model, num_micro_batches=1 if attn_name == "pallas" else None)
+        layout.attach(model)
     elif platform == "gpu":
         from model_zoo.llama import unrolled_layers
 

@@ -221,3 +221,24 @@ def test_tensor_parallel_layer_has_two_all_reduces_and_nothing_else():
     assert _collectives(1, 2) == {"all-reduce": 1, "all-gather": 0, "reduce-scatter": 0,
                                   "collective-permute": 1, "all-to-all": 0}
     assert _collectives(2, 2)["all-reduce"] == 4
+
+
+def test_pipeline_micro_batches_with_pallas_kernels(tmp_path):
+    """Prefill chunks split over micro-batches (query ranges rebased per micro-batch) and decode
+    steps through the Pallas kernels (interpreted on CPU) give the single-device XLA tokens."""
+    from serving import LLM, SamplingParams
+    from tests.tiny_models import make_tiny_hf_model
+
+    path, _ = make_tiny_hf_model("llama", tmp_path / "m", hidden_size=256, num_attention_heads=4,
+                                 num_key_value_heads=2, num_hidden_layers=4)
+    engine = dict(dtype="float32", token_buckets=[32], seq_buckets=[4], max_num_batched_tokens=32,
+                  max_num_seqs=4, max_model_len=96, kv_cache_memory=4 * 2 ** 20)
+    rng = np.random.RandomState(0)
+    prompts = [{"prompt_token_ids": rng.randint(0, 256, size=n).tolist()} for n in (13, 40)]
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    def greedy(**kw):
+        outs = LLM(str(path), **engine, **kw).generate(prompts, sp, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    assert greedy(attention_backend="pallas", pipeline_parallel_size=2) == greedy(attention_backend="xla")
