@@ -9,6 +9,8 @@ the request, which frees its pages at the next step.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
 import os
 import threading
@@ -53,6 +55,10 @@ def _install_fault_hook(engine: LLMEngine, fail_at_step: int) -> None:
 
 
 class AsyncLLM:
+    """Requests reach the engine through an inbox the device thread drains before each step, so the
+    event loop never waits for a step: ``generate`` validates on the caller's thread (errors raise
+    before anything is yielded) and only enqueues; ``abort`` only enqueues."""
+
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.tokenizer = engine.tokenizer
@@ -63,7 +69,8 @@ class AsyncLLM:
         self.default_sampling = dict(engine.default_sampling)
         self.is_dead = False
         self.dead_error: Optional[BaseException] = None
-        self._lock = threading.Lock()           # engine calls: step vs add/abort
+        self._lock = threading.Lock()           # guards _queues, _inbox, _closed (never held for a step)
+        self._inbox: collections.deque = collections.deque()
         self._wakeup = threading.Event()
         self._stopping = False
         self._closed = False                    # the device loop has ended (failed or shut down)
@@ -79,23 +86,47 @@ class AsyncLLM:
         return cls(LLMEngine.from_engine_args(args))
 
     # ------------------------------------------------------------------ device loop
+    def _push(self, request_id: str, item) -> None:
+        entry = self._queues.get(request_id)
+        if entry is not None:
+            loop, q = entry
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:      # that request's event loop is closed: nobody is waiting
+                pass
+
+    def _drain_inbox(self) -> None:
+        while True:
+            with self._lock:
+                if not self._inbox:
+                    return
+                kind, request_id, payload = self._inbox.popleft()
+            if kind == "abort":
+                self.engine.abort_request(request_id)
+                continue
+            prompt, params, priority, cache_salt = payload
+            try:
+                self.engine.add_request(request_id, prompt, params, priority=priority, cache_salt=cache_salt)
+            except ValueError as e:   # e.g. a request id already in use
+                with self._lock:
+                    self._push(request_id, e)
+                    self._queues.pop(request_id, None)
+
     def _run_loop(self) -> None:
         try:
             while not self._stopping:
-                with self._lock:
-                    busy = self.engine.has_unfinished_requests()
-                    outputs = self.engine.step() if busy else []
+                self._drain_inbox()
+                busy = self.engine.has_unfinished_requests()
                 if not busy:
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
-                for out in outputs:
-                    entry = self._queues.get(out.request_id)
-                    if entry is not None:
-                        loop, q = entry
-                        loop.call_soon_threadsafe(q.put_nowait, out)
-                    if out.finished:
-                        self._queues.pop(out.request_id, None)
+                outputs = self.engine.step()
+                with self._lock:
+                    for out in outputs:
+                        self._push(out.request_id, out)
+                        if out.finished:
+                            self._queues.pop(out.request_id, None)
         except BaseException as e:  # noqa: BLE001 - any failure kills the engine, loudly
             logger.exception("Engine loop died")
             self._fail_all(EngineDeadError(f"The engine failed: {type(e).__name__}: {e}"), e)
@@ -111,12 +142,10 @@ class AsyncLLM:
             if cause is not None:
                 self.is_dead = True
                 self.dead_error = cause
-            for loop, q in list(self._queues.values()):
-                try:
-                    loop.call_soon_threadsafe(q.put_nowait, err)
-                except RuntimeError:  # that request's event loop is already closed: nobody is waiting
-                    pass
+            for request_id in list(self._queues):
+                self._push(request_id, err)
             self._queues.clear()
+            self._inbox.clear()
 
     # ------------------------------------------------------------------ API
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str, *,
@@ -124,14 +153,17 @@ class AsyncLLM:
         if self.is_dead:
             raise EngineDeadError("The engine is dead; restart the server.")
         text, ids = parse_prompt(prompt, self.tokenizer, sampling_params, self.max_model_len)
+        self.engine.validate_request(ids, sampling_params)     # reads only the engine's fixed config
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if self._closed:
                 raise EngineDeadError("The engine is dead or shut down; restart the server.")
-            self.engine.add_request(request_id, {"prompt": text, "prompt_token_ids": ids}, sampling_params,
-                                    priority=priority, cache_salt=cache_salt)
+            if request_id in self._queues:
+                raise ValueError(f"request id {request_id!r} is already in use")
             self._queues[request_id] = (loop, q)
+            self._inbox.append(("add", request_id, ({"prompt": text, "prompt_token_ids": ids}, sampling_params,
+                                                    priority, cache_salt)))
         self._wakeup.set()
         finished = False
         try:
@@ -151,13 +183,13 @@ class AsyncLLM:
     async def abort(self, request_id: str) -> None:
         with self._lock:
             self._queues.pop(request_id, None)
-            if not self.is_dead:
-                self.engine.abort_request(request_id)
+            if not self._closed:
+                self._inbox.append(("abort", request_id, None))
         self._wakeup.set()
 
     def get_stats(self):
-        with self._lock:
-            return self.engine.stats
+        """A snapshot of the engine's counters (copied without waiting for the step in flight)."""
+        return dataclasses.replace(self.engine.stats)
 
     async def shutdown(self) -> None:
         self._stopping = True
