@@ -107,8 +107,9 @@ def build_engine_parts(args: EngineArgs) -> dict:
     attn_name, attn_fn = _attention_fn(args.attention_backend, platform)
     model = build_model(config, params, attention_fn=attn_fn)
     if layout is not None:
-        layout.attach(model)
-    elif platform == "gpu":
+        # Pipeline stages unroll their own layers on GPU, for the same reason as below.
+        layout.attach(model, unroll_stage_layers=platform == "gpu")
+    if model.layer_stack is None and platform == "gpu":
         from model_zoo.llama import unrolled_layers
 
         model.layer_stack = unrolled_layers       # 2x faster decode than the scan on H100 (see there)

@@ -150,18 +150,21 @@ class ShardingLayout:
             return jax.lax.with_sharding_constraint(x, spec)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
-    def attach(self, model, *, num_micro_batches: Optional[int] = None):
+    def attach(self, model, *, num_micro_batches: Optional[int] = None,
+               unroll_stage_layers: bool = False):
         """Install the layout's hooks on a model (activation constraints; pipeline stages).
 
         Micro-batches default to the number of stages: enough to keep every stage busy in the
         steady state without making each micro-batch too small for the tensor cores.
+        `unroll_stage_layers`: a stage runs its layers as straight-line code instead of a scan.
         """
         model.constrain = self.constrain
         pp = self.pipeline_axis
         if pp is not None:
             from sharding.pipeline import make_pipeline
 
-            model.layer_stack = make_pipeline(self.mesh, pp, num_micro_batches or self.pipeline_stages)
+            model.layer_stack = make_pipeline(self.mesh, pp, num_micro_batches or self.pipeline_stages,
+                                              unroll=unroll_stage_layers)
         return model
 
     def describe(self) -> str:

@@ -37,7 +37,10 @@ def micro_batches_for(num_tokens: int, requested: int) -> int:
     return 1
 
 
-def make_pipeline(mesh: jax.sharding.Mesh, axis: str, num_micro_batches: int):
+def make_pipeline(mesh: jax.sharding.Mesh, axis: str, num_micro_batches: int, *,
+                  unroll: bool = False):
+    """`unroll`: each stage runs its layers as straight-line code (faster decode on GPU, where a
+    scan materialises each layer's weight slice; compile time grows with depth)."""
     stages = mesh.shape[axis]
     if num_micro_batches < 1:
         raise ValueError(f"num_micro_batches must be at least 1; got {num_micro_batches}")
@@ -59,6 +62,12 @@ def make_pipeline(mesh: jax.sharding.Mesh, axis: str, num_micro_batches: int):
             tok_mb = jax.tree.map(lambda a: a.reshape(m, mb, *a.shape[1:]), per_token)
 
             def run_stage(x, kv, tok, valid):
+                if unroll:
+                    for i in range(layers_per_stage):
+                        p = jax.tree.map(lambda a, i=i: a[i], params)
+                        x, kv = layer_fn(x, kv, p, jnp.int32(i), tok, shared, valid)
+                    return x, kv
+
                 def body(carry, xs):
                     x, kv = carry
                     p, layer = xs

@@ -242,3 +242,49 @@ def test_pipeline_micro_batches_with_pallas_kernels(tmp_path):
         return [list(o.outputs[0].token_ids) for o in outs]
 
     assert greedy(attention_backend="pallas", pipeline_parallel_size=2) == greedy(attention_backend="xla")
+
+
+@pytest.mark.parametrize("unroll", [False, True])
+def test_pipeline_forward_equals_plain_scan(unroll):
+    """The model's serving forward under PP 2 x TP 2 (scanned or unrolled stage layers) returns
+    the plain single-device logits and KV cache, for a prompt split over 4 micro-batches."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from model_zoo.attention import AttentionMetadata
+    from model_zoo.config import ModelConfig
+    from model_zoo.llama import LlamaForCausalLM, init_kv_cache
+    from model_zoo.loaders.dummy import dummy_params
+    from model_zoo.params import param_specs
+    from sharding import build_layout
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64,
+                      intermediate_size=128, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=8)
+    params = dummy_params(cfg, jnp.float32, seed=3, progress=False)
+    # x10 (std 0.2): logits and K/V far from zero, so the comparison below means something.
+    host = {k: np.asarray(v) * (1 if k.endswith("norm") else 10) for k, v in params.items()}
+    t, page = 16, 8
+    tokens = np.arange(3, 3 + t, dtype=np.int32) * 7 % cfg.vocab_size
+    md = AttentionMetadata(positions=np.arange(t, dtype=np.int32), token_seq_ids=np.zeros(t, np.int32),
+                           slot_mapping=np.arange(page, page + t, dtype=np.int32),
+                           block_tables=np.array([[1, 2], [0, 0]], np.int32),
+                           seq_lens=np.array([t, 0], np.int32), query_start_loc=np.array([0, t, t], np.int32))
+    idx = np.array([t - 1, 0], np.int32)
+
+    def run(layout):
+        specs = param_specs(cfg)
+        p = {k: jax.device_put(v, layout.sharding_for(k, v.shape, specs[k][1])) if layout else jnp.asarray(v)
+             for k, v in host.items()}
+        model = LlamaForCausalLM(cfg, p)
+        if layout:
+            layout.attach(model, num_micro_batches=4, unroll_stage_layers=unroll)
+        kv = init_kv_cache(cfg, 4, page, jnp.float32, sharding=layout.kv_cache_sharding() if layout else None)
+        g, st = nnx.split(model)
+        logits, kv = jax.jit(lambda st, kv: nnx.merge(g, st)(tokens, kv, md, idx))(st, kv)
+        return np.asarray(logits), [np.asarray(c) for c in kv]
+
+    ref_logits, ref_kv = run(None)
+    logits, kv = run(build_layout(cfg, tensor_parallel_size=2, pipeline_parallel_size=2))
+    for got, want in [(logits, ref_logits)] + list(zip(kv, ref_kv)):
+        assert np.abs(want).max() > 0.1
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
