@@ -165,7 +165,9 @@ class ModelRunner:
                 self.state, self.kv_cache, self.sampler_state, tokens, md, logits_indices,
                 sampling_md, key).compile()
         self._write_slot_rows([])   # compiles set_slot_rows for its fixed row count
-        plp = jax.jit(self._prompt_logprobs_fn)
+        # Under a mesh the results come back replicated: readable on every host.
+        plp = jax.jit(self._prompt_logprobs_fn,
+                      **({"out_shardings": self.layout.replicated()} if self.layout is not None else {}))
         for t in sorted({shape[0] for shape in shapes}):
             self._prompt_lp_exes[t] = plp.lower(
                 self.state, jax.ShapeDtypeStruct((t, self.config.hidden_size), self._hidden_dtype()),

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 
-import pytest
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[256, 72, 105], [256, 84, 104, 101, 32, 99, 97, 112], [256, 49, 44, 32, 50]]
@@ -25,9 +25,12 @@ def _generate(model_dir, **kwargs):
     from serving import LLM, SamplingParams
 
     llm = LLM(model=model_dir, **ENGINE, **kwargs)
+    # Prompt logprobs too: their executable's outputs must be readable on process 0.
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
-                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    return [list(o.outputs[0].token_ids) for o in outs]
+                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=1))
+    return [{"tokens": list(o.outputs[0].token_ids),
+             "prompt_logprobs": [o.prompt_logprobs[j][p[j]].logprob for j in range(1, len(p))]}
+            for p, o in zip(PROMPTS, outs)]
 
 
 def _free_port() -> int:
@@ -64,7 +67,10 @@ def test_two_processes_match_one(tmp_path):
         assert p.returncode == 0, f"process {rank} failed:\n{out[-4000:]}"
     result = [line for line in outputs[0].splitlines() if line.startswith("TOKENS ")]
     assert result, outputs[0][-4000:]
-    assert json.loads(result[-1][len("TOKENS "):]) == reference
+    got = json.loads(result[-1][len("TOKENS "):])
+    assert [g["tokens"] for g in got] == [r["tokens"] for r in reference]
+    for g, r in zip(got, reference):
+        np.testing.assert_allclose(g["prompt_logprobs"], r["prompt_logprobs"], rtol=1e-4, atol=1e-4)
     steps = [line for line in outputs[1].splitlines() if line.startswith("FOLLOWED ")]
     assert steps and int(steps[-1].split()[1]) > 0, outputs[1][-4000:]
 
