@@ -45,6 +45,9 @@ PRESETS: dict[str, dict[str, MeshAxes]] = {
     # attention/MLP all-reduces become reduce-scatter + all-gather and the norms run on 1/tp of
     # the tokens.
     "sequence-parallel": {**_MEGATRON, "act_tokens": "tp"},
+    # Embedding and LM head split over every device (stages too): with pipeline stages the
+    # vocabulary matrices otherwise sit whole on each stage (2 GB per stage for Llama-3-70B).
+    "vocab-over-stages": {**_MEGATRON, "vocab": ("pp", "tp")},
     # Only the MLP split; attention weights and the KV cache replicated (small attention matrices).
     "mlp-only": {**_MEGATRON, "q_heads": None, "kv_heads": None},
     # Every matrix split on its input/hidden side instead: one all-reduce per matmul. A

@@ -85,7 +85,7 @@ def _weights(runner) -> dict:
     return out
 
 
-def _assert_shards(runner, tp, pp, kv_split):
+def _assert_shards(runner, tp, pp, kv_split, vocab_split=None):
     """Every large weight and the KV caches: each device holds exactly its shard."""
     c = runner.config
     w = _weights(runner)
@@ -97,7 +97,7 @@ def _assert_shards(runner, tp, pp, kv_split):
         "layers/w_up": (L // pp, E, F // tp),
         "layers/w_down": (L // pp, F // tp, E),
         "layers/wk": (L // pp, E, c.num_kv_heads * D // (tp if kv_split else 1)),
-        "embed": (V // tp, E),
+        "embed": (V // (vocab_split or tp), E),
     }
     for name, shape in expect.items():
         arr = w[name]
@@ -148,11 +148,13 @@ def tiny_dirs(tmp_path_factory):
 def test_tiny_model_tp_and_pp_match_single_device(tiny_dirs):
     # 8 query / 2 KV heads: TP 2 splits the KV heads, TP 4 replicates them.
     ref, _ = _generate(tiny_dirs["h8"], max_tokens=8)
-    for tp, pp in [(2, 1), (4, 1), (2, 2)]:
+    # The last layout also splits the vocabulary over the stages (4 ways).
+    for tp, pp, rules in [(2, 1, None), (4, 1, None), (2, 2, None), (2, 2, "vocab-over-stages")]:
         tokens, llm = _generate(tiny_dirs["h8"], max_tokens=8, tensor_parallel_size=tp,
-                                pipeline_parallel_size=pp)
-        assert tokens == ref, (tp, pp)
-        _assert_shards(_runner(llm), tp, pp, kv_split=2 % tp == 0)
+                                pipeline_parallel_size=pp, sharding_rules=rules)
+        assert tokens == ref, (tp, pp, rules)
+        _assert_shards(_runner(llm), tp, pp, kv_split=2 % tp == 0,
+                       vocab_split=tp * pp if rules else tp)
 
 
 def test_rules_file_changes_shardings_not_outputs(tiny_dirs, tmp_path):
