@@ -143,24 +143,47 @@ def _get(data: dict, path: tuple):
     return data
 
 
-# Issue 8's one-GPU targets: (figure, target, results file glob, key path, unit).
+# Issue 8's one-GPU targets: (figure, target, results file glob, key path, unit). A pair of globs
+# (numerator, denominator) makes a ratio row: the key's value in the newest file of each, divided.
+_H100 = "*-nvidia-h100-80gb-hbm3-engine.json"
+_H200 = "*-nvidia-h200-engine.json"
+_ITL = ("llama-3.1-8b", "batch1_itl_ms_ctx512")
+_RANDOM_RPS = ("llama-3.1-8b", "random_1024_128", "requests_per_s")
 _TARGETS = [
     ("batch-1 ITL, Llama-3.1-8B bf16, context <= 1k, H100", "<= 5.8 ms (vLLM 6.44 ms; roofline ~5.0)",
-     "*-nvidia-h100-80gb-hbm3-engine.json", ("llama-3.1-8b", "batch1_itl_ms_ctx512"), "ms"),
+     _H100, _ITL, "ms"),
     ("offline throughput, random 1024-in/128-out, 8B bf16, H100", "record (H200 >= 1.25x H100)",
-     "*-nvidia-h100-80gb-hbm3-engine.json", ("llama-3.1-8b", "random_1024_128", "requests_per_s"), "req/s"),
+     _H100, _RANDOM_RPS, "req/s"),
     ("start-up, 8B, 9 executables, cold compile, H100", "record; <= 60 s with the cache",
-     "*-nvidia-h100-80gb-hbm3-engine.json", ("llama-3.1-8b", "startup_s"), "s"),
+     _H100, ("llama-3.1-8b", "startup_s"), "s"),
+    ("batch-1 ITL, Llama-3.1-8B bf16, context <= 1k, H200", "record (below the H100 figure)",
+     _H200, _ITL, "ms"),
+    ("offline throughput, random 1024-in/128-out, 8B bf16, H200", "record",
+     _H200, _RANDOM_RPS, "req/s"),
+    ("offline throughput ratio H200 / H100, random 1024-in/128-out", ">= 1.25x",
+     (_H200, _H100), _RANDOM_RPS, "x"),
 ]
+
+
+def _newest(results_dir: Path, pattern: str) -> tuple[Any, str]:
+    """(parsed newest file matching pattern or None, its name or "-"); names sort by their date prefix."""
+    hits = sorted(results_dir.glob(pattern))
+    return (json.loads(hits[-1].read_text()), hits[-1].name) if hits else (None, "-")
 
 
 def _targets(results_dir: Path) -> list[str]:
     rows = []
     for figure, target, pattern, key, unit in _TARGETS:
-        hits = sorted(results_dir.glob(pattern))
-        value = _get(json.loads(hits[-1].read_text()), key) if hits else None
-        rows.append([figure, target, "not measured" if value is None else f"{value} {unit}",
-                     hits[-1].name if hits else "-"])
+        if isinstance(pattern, tuple):
+            (num, num_name), (den, den_name) = (_newest(results_dir, p) for p in pattern)
+            a = _get(num, key) if num is not None else None
+            b = _get(den, key) if den is not None else None
+            value = round(a / b, 3) if a is not None and b else None
+            name = f"{num_name} / {den_name}"
+        else:
+            data, name = _newest(results_dir, pattern)
+            value = _get(data, key) if data is not None else None
+        rows.append([figure, target, "not measured" if value is None else f"{value} {unit}", name])
     return ["## One-GPU targets (issue 8) measured so far", "",
             *_table(["figure", "target", "measured", "file"], rows), ""]
 
