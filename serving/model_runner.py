@@ -93,6 +93,7 @@ class ModelRunner:
         self._reqs: dict[str, _ReqState] = {}
         self._executables: dict[tuple[int, int, int], object] = {}
         self._prompt_lp_exes: dict[int, object] = {}
+        self._set_rows_exe = None
         self._base_key = jax.random.PRNGKey(seed)
         self._step_count = 0
         self.last_step: StepStats | None = None
@@ -220,7 +221,12 @@ class ModelRunner:
             stop = np.zeros((k, v), bool)
             for j, (slot, r) in enumerate(chunk):
                 slots[j], counts[j], mask[j], bias[j], stop[j] = slot, r.counts, r.prompt_mask, r.bias, r.stop_mask
-            self.sampler_state = smp.set_slot_rows(self.sampler_state, slots, counts, mask, bias, stop)
+            if self._set_rows_exe is None:
+                # Compiled ahead of time (at warm-up) and called as such: a plain jit call would
+                # recompile once the state comes back from the step with a committed sharding.
+                self._set_rows_exe = smp.set_slot_rows.lower(
+                    self.sampler_state, slots, counts, mask, bias, stop).compile()
+            self.sampler_state = self._set_rows_exe(self.sampler_state, slots, counts, mask, bias, stop)
 
     # ------------------------------------------------------------------ one step
     def run(self, plan: StepPlan) -> RunnerOutput:
