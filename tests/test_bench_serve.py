@@ -171,3 +171,16 @@ def test_bench_serve_cli_usage_errors(fake_server, capsys):
     assert bench_main(["serve", "--base-url", fake_server, "--goodput", "foo:1"]) == 2
     assert "--goodput" in capsys.readouterr().err
     assert bench_main(["serve", "--request-rate", "0"]) == 2
+
+
+def test_chunk_text_counts_tokens_that_stream_no_text():
+    from serving.bench.serve import _chunk_text
+
+    assert _chunk_text({"choices": [{"text": "hi", "finish_reason": None}]}, False) == "hi"
+    # A server without a tokenizer (dummy weights) streams one empty-text chunk per token.
+    assert _chunk_text({"choices": [{"text": "", "finish_reason": None}]}, False) == ""
+    assert _chunk_text({"choices": [{"text": "", "finish_reason": "length"}]}, False) is None
+    assert _chunk_text({"choices": [], "usage": {"completion_tokens": 3}}, False) is None
+    assert _chunk_text({"choices": [{"delta": {"role": "assistant", "content": ""}}]}, True) is None
+    assert _chunk_text({"choices": [{"delta": {"content": ""}, "finish_reason": None}]}, True) == ""
+    assert _chunk_text({"choices": [{"delta": {"content": "x"}}]}, True) == "x"

@@ -86,13 +86,22 @@ def build_payload(cfg: ServeConfig, req: SampleRequest) -> dict:
 
 
 def _chunk_text(chunk: dict, is_chat: bool) -> Optional[str]:
+    """The chunk's text, "" for a token that streamed no text (a server without a tokenizer, e.g.
+    dummy weights), or None when the chunk carries no token (role-only, usage-only, finish-only)."""
     choices = chunk.get("choices") or []
     if not choices:
         return None
+    choice = choices[0]
     if is_chat:
-        delta = choices[0].get("delta") or {}
-        return delta.get("content") or delta.get("reasoning_content") or None
-    return choices[0].get("text") or None
+        delta = choice.get("delta") or {}
+        text = delta.get("content") or delta.get("reasoning_content")
+        has_field = "content" in delta and delta.get("role") is None
+    else:
+        text = choice.get("text")
+        has_field = "text" in choice
+    if text:
+        return text
+    return "" if has_field and text is not None and choice.get("finish_reason") is None else None
 
 
 async def send_request(client, cfg: ServeConfig, req: SampleRequest,
@@ -134,7 +143,7 @@ async def send_request(client, cfg: ServeConfig, req: SampleRequest,
                     return result
                 now = time.perf_counter()
                 text = _chunk_text(chunk, cfg.is_chat)
-                if text:
+                if text is not None:
                     if num_chunks == 0:
                         result.ttft = now - start
                     else:
