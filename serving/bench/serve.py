@@ -94,7 +94,7 @@ def _chunk_text(chunk: dict, is_chat: bool) -> Optional[str]:
     choice = choices[0]
     if is_chat:
         delta = choice.get("delta") or {}
-        text = delta.get("content") or delta.get("reasoning_content")
+        text = delta.get("content") or delta.get("reasoning_content") or delta.get("content")
         has_field = "content" in delta and delta.get("role") is None
     else:
         text = choice.get("text")
