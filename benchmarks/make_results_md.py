@@ -162,6 +162,9 @@ _TARGETS = [
      _H200, _RANDOM_RPS, "req/s"),
     ("offline throughput ratio H200 / H100, random 1024-in/128-out", ">= 1.25x",
      (_H200, _H100), _RANDOM_RPS, "x"),
+    ("served (bench serve, rate inf) / offline throughput, random 1024/128, 300 prompts, 8B, H100", ">= 0.9",
+     ("*-h100-8b-random1024-served-inf.json", "*-h100-8b-random1024-offline.json"),
+     (("results", "request_throughput"), ("results", "requests_per_second")), "x"),
 ]
 
 
@@ -176,8 +179,9 @@ def _targets(results_dir: Path) -> list[str]:
     for figure, target, pattern, key, unit in _TARGETS:
         if isinstance(pattern, tuple):
             (num, num_name), (den, den_name) = (_newest(results_dir, p) for p in pattern)
-            a = _get(num, key) if num is not None else None
-            b = _get(den, key) if den is not None else None
+            num_key, den_key = key if isinstance(key[0], tuple) else (key, key)   # a key path per file, or one
+            a = _get(num, num_key) if num is not None else None
+            b = _get(den, den_key) if den is not None else None
             value = round(a / b, 3) if a is not None and b else None
             name = f"{num_name} / {den_name}"
         else:

@@ -321,6 +321,11 @@ class ModelRunner:
     def _hidden_dtype(self):
         return nnx.merge(self.graphdef, self.state).dtype
 
+    @property
+    def dtype(self):
+        """The model's activation dtype (its embedding's)."""
+        return self._hidden_dtype()
+
     def _launch_prompt_logprobs(self, reqs, counts, hidden, t_pad):
         """Prompt logprobs for the prompt positions computed this step (vLLM's convention).
 

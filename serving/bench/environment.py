@@ -62,15 +62,7 @@ def model_shape(config) -> dict[str, Any]:
 
 def engine_environment(llm) -> dict[str, Any]:
     """Environment of a built serving.LLM: device, model shape, dtype, JAX version, commit."""
-    runner = llm.engine.runner
-    dtype = None
-    try:
-        import jax
-
-        leaves = jax.tree_util.tree_leaves(runner.state)
-        dtype = str(leaves[0].dtype) if leaves else None
-    except Exception:   # noqa: BLE001 - the dtype is informative; a result without it is still valid
-        pass
+    dtype = str(llm.engine.runner.dtype)
     env = {**device_info(), "model": llm.engine.model_name, "model_shape": model_shape(llm.engine.model_config),
            "dtype": dtype}
     return env
