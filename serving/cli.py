@@ -128,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tp", "--tensor-parallel-size", type=int, default=1, help="devices per tensor-parallel group")
     p.add_argument("-pp", "--pipeline-parallel-size", type=int, default=1, help="pipeline stages")
     p.add_argument("--sharding-rules", default=None, help="sharding preset name or rules file")
+    p.add_argument("--coordinator-address", default=None,
+                   help="multi-host: host:port of process 0 (default: $JAXLLM_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="multi-host: number of processes (default: $JAXLLM_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, default=None,
+                   help="multi-host: this process's rank; 0 serves HTTP, the others follow its steps "
+                        "(default: $JAXLLM_PROCESS_ID)")
 
     s = serve.add_argument_group("HTTP server")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on")
@@ -298,6 +305,16 @@ def run_server(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     from serving.async_llm import AsyncLLM
     from serving.server.app import build_app
 
+    process_id = engine_args.process_id
+    if process_id is None and os.environ.get("JAXLLM_PROCESS_ID"):
+        process_id = int(os.environ["JAXLLM_PROCESS_ID"])
+    if process_id:
+        # A multi-host follower: no HTTP server; it replays every step plan process 0 publishes.
+        from serving.engine_builder import run_follower
+
+        steps = run_follower(engine_args)
+        logger.info("follower %d stopped after %d steps", process_id, steps)
+        return 0
     engine = AsyncLLM.from_engine_args(engine_args)
     app = build_app(engine, server_args)
     server = _make_uvicorn_server(uvicorn_config(app, server_args), begin_drain=app.state.lifecycle.begin_drain)

@@ -57,6 +57,11 @@ class EngineArgs:
     seq_buckets: Optional[tuple[int, ...]] = None
     compilation_cache_dir: Optional[str] = None
     served_model_name: Optional[str] = None
+    # Multi-host (one model over several processes, jax.distributed); None: from the environment
+    # (JAXLLM_COORDINATOR_ADDRESS / JAXLLM_NUM_PROCESSES / JAXLLM_PROCESS_ID), else single-process.
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
 
     def __post_init__(self):
         def check(cond, msg):
@@ -86,6 +91,13 @@ class EngineArgs:
         check(self.pipeline_parallel_size >= 1,
               f"pipeline_parallel_size must be at least 1; got {self.pipeline_parallel_size}")
         check(self.max_logprobs >= 0, f"max_logprobs must be non-negative; got {self.max_logprobs}")
+        check(self.coordinator_address is None or ":" in self.coordinator_address,
+              f"coordinator_address must be host:port; got {self.coordinator_address!r}")
+        check(self.num_processes is None or self.num_processes >= 1,
+              f"num_processes must be at least 1; got {self.num_processes}")
+        check(self.process_id is None or self.process_id >= 0, f"process_id must be non-negative; got {self.process_id}")
+        check(self.process_id is None or self.num_processes is None or self.process_id < self.num_processes,
+              f"process_id must be below num_processes ({self.num_processes}); got {self.process_id}")
         object.__setattr__(self, "token_buckets", _parse_ladder(self.token_buckets, "token_buckets"))
         object.__setattr__(self, "seq_buckets", _parse_ladder(self.seq_buckets, "seq_buckets"))
 

@@ -74,8 +74,8 @@ def build_engine_parts(args: EngineArgs) -> dict:
 
     from sharding import initialize_distributed
 
-    # Multi-host (JAXLLM_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID): before any device use.
-    initialize_distributed()
+    # Multi-host (flags, or JAXLLM_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID): before any device use.
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     enable_compilation_cache(args.compilation_cache_dir)
     platform = jax.default_backend()
     devices = jax.devices()
@@ -177,7 +177,8 @@ def run_follower(args: EngineArgs) -> int:
     from sharding import initialize_distributed
     from sharding.multihost import follow
 
-    if not initialize_distributed() or jax.process_index() == 0:
+    if not initialize_distributed(args.coordinator_address, args.num_processes, args.process_id) \
+            or jax.process_index() == 0:
         raise ValueError("run_follower is for processes other than 0 of a multi-host job "
                          "(set JAXLLM_COORDINATOR_ADDRESS, JAXLLM_NUM_PROCESSES, JAXLLM_PROCESS_ID)")
     return follow(build_engine_parts(args)["runner"])

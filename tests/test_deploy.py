@@ -21,16 +21,12 @@ import time
 import pytest
 import yaml
 
-from serving.cli import UsageError, _serve_parser, build_parser, parse_serve_args
+from serving.cli import UsageError, parse_serve_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(REPO, "deploy")
 K8S = os.path.join(DEPLOY, "k8s")
 
-# Flags the manifests use that other issues are adding to `jaxllm serve` (reliability: graceful
-# shutdown; sharding: jax.distributed). Until the parser knows them they are checked for shape only.
-PENDING_FLAGS = {"--shutdown-timeout": "reliability issue", "--coordinator-address": "sharding issue",
-                 "--num-processes": "sharding issue", "--process-id": "sharding issue"}
 # Kubernetes versions the manifests must validate against: the oldest with the StatefulSet pod-index
 # label the multi-host example needs, and the newest the schemas cover.
 K8S_VERSIONS = ("1.28", "1.37")
@@ -60,23 +56,9 @@ def _flag_value(argv, flag):
 
 
 def check_serve_argv(argv, substitutions=None):
-    """Parse `jaxllm serve` arguments with the real parser; returns (EngineArgs, ServerArgs).
-
-    Flags in PENDING_FLAGS that the parser does not know yet are removed (with their value) after
-    checking the value is an integer or host:port, so the rest is still checked for real.
-    """
+    """Parse `jaxllm serve` arguments with the real parser; returns (EngineArgs, ServerArgs)."""
     argv = [substitutions.get(a, a) if substitutions else a for a in argv]
-    known = {opt for a in _serve_parser(build_parser())._actions for opt in a.option_strings}
-    kept, i = [], 0
-    while i < len(argv):
-        if argv[i] in PENDING_FLAGS and argv[i] not in known:
-            value = argv[i + 1]
-            assert re.fullmatch(r"\d+|[\w.-]+:\d+", value), (argv[i], value)
-            i += 2
-            continue
-        kept.append(argv[i])
-        i += 1
-    return parse_serve_args(kept)
+    return parse_serve_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -479,8 +461,10 @@ def test_multihost_statefulset_wires_jax_distributed():
 def test_check_serve_argv_rejects_what_the_parser_rejects():
     with pytest.raises(UsageError):
         check_serve_argv(["--max-model-len", "lots"])
-    with pytest.raises(AssertionError):
+    with pytest.raises(UsageError):
         check_serve_argv(["--shutdown-timeout", "soon"])
+    with pytest.raises(UsageError, match="process_id must be below"):
+        check_serve_argv(["--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"])
 
 
 # ---------------------------------------------------------------------------------------------------
