@@ -85,15 +85,7 @@ class GemmaForCausalLM(LlamaForCausalLM):
         """One decoder layer on flat tokens h: [T, E]; ``local`` (static) picks the rope table."""
         c = self.config
         t = h.shape[0]
-        x = self._rms(h, p["attn_norm"])
-        q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
-        if c.attention_bias:
-            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-        q = q.reshape(t, c.num_heads, c.head_dim)
-        k = k.reshape(t, c.num_kv_heads, c.head_dim)
-        v = v.reshape(t, c.num_kv_heads, c.head_dim)
-        if c.qk_norm:
-            q, k = self._rms(q, p["q_norm"]), self._rms(k, p["k_norm"])
+        q, k, v = self._qkv(h, p)
         q, k = self._rope_local(q, positions, local), self._rope_local(k, positions, local)
         o = attend(q, k, v).reshape(t, c.num_heads * c.head_dim) @ p["wo"]
         resid = ("act_tokens", "act_embed")

@@ -86,14 +86,12 @@ class LlamaForCausalLM(nnx.Module):
         out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
         return out.astype(x.dtype)
 
-    def _layer(self, h, p, positions, attend):
-        """One decoder layer on flat tokens h: [T, E]. ``attend(q, k, v) -> [T, H, D]``."""
+    def _qkv(self, h, p):
+        """Attention input: pre-norm, q/k/v projections (+ bias), heads split, q/k norm; no rope."""
         c = self.config
         t = h.shape[0]
         x = self._rms(h, p["attn_norm"])
-        q = x @ p["wq"]
-        k = x @ p["wk"]
-        v = x @ p["wv"]
+        q, k, v = x @ p["wq"], x @ p["wk"], x @ p["wv"]
         if c.attention_bias:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
         q = q.reshape(t, c.num_heads, c.head_dim)
@@ -101,6 +99,13 @@ class LlamaForCausalLM(nnx.Module):
         v = v.reshape(t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self._rms(q, p["q_norm"]), self._rms(k, p["k_norm"])
+        return q, k, v
+
+    def _layer(self, h, p, positions, attend):
+        """One decoder layer on flat tokens h: [T, E]. ``attend(q, k, v) -> [T, H, D]``."""
+        c = self.config
+        t = h.shape[0]
+        q, k, v = self._qkv(h, p)
         q, k = self._rope(q, positions), self._rope(k, positions)
         o = attend(q, k, v)
         resid = ("act_tokens", "act_embed")
