@@ -21,6 +21,7 @@ import types
 from typing import AsyncIterator, Optional
 
 from serving.config import EngineArgs
+from serving.engine import EngineStats
 from serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from serving.sampling_params import SamplingParams
 
@@ -65,20 +66,6 @@ class FakeTokenizer:
                                     continue_final_message=continue_final_message, tools=tools, **template_kwargs)
 
 
-@dataclasses.dataclass
-class FakeEngineStats:
-    num_requests_running: int = 0
-    num_requests_waiting: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    compilations: int = 3
-    bucket_padding_ratio: float = 0.25
-
-
 class FakeAsyncLLM:
     def __init__(self, *, max_model_len: int = 128, max_logprobs: int = 5, served_model_name: Optional[str] = None,
                  default_sampling: Optional[dict] = None, step_delay: float = 0.0):
@@ -91,7 +78,7 @@ class FakeAsyncLLM:
         self.step_delay = step_delay
         self.is_dead = False
         self.fail_after_steps: Optional[int] = None   # test hook: raise inside generate after this many steps
-        self.stats = FakeEngineStats()
+        self.stats = EngineStats(compilations=3, bucket_padding_ratio=0.25)   # the engine's own counters
         self.running: set[str] = set()
         self.aborted: list[str] = []
         self.finished: list[str] = []
@@ -103,7 +90,7 @@ class FakeAsyncLLM:
         return cls(max_model_len=args.max_model_len or 128, max_logprobs=args.max_logprobs,
                    served_model_name=args.served_model_name)
 
-    def get_stats(self) -> FakeEngineStats:
+    def get_stats(self) -> EngineStats:
         self.stats.num_requests_running = len(self.running)
         return dataclasses.replace(self.stats)
 
