@@ -14,8 +14,6 @@ import numpy as np
 
 
 def probe(num_pages):
-    import jax
-
     from serving import LLM, SamplingParams
 
     kw = dict(load_format="dummy", dtype="bfloat16", attention_backend="pallas", token_buckets=[512],

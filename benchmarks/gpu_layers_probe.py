@@ -9,7 +9,6 @@ from __future__ import annotations
 import collections
 import json
 import re
-import time
 
 import jax
 import numpy as np

@@ -65,7 +65,7 @@ def _throughput_vs_hf(data: dict) -> list[str]:
     rows = [["jaxllm engine", "-", _fmt(j["elapsed_time"]), j["requests_per_second"], j["tokens_per_second"],
              j["output_tokens_per_second"], "-"]]
     for h in r["transformers"]:
-        rows.append([f"transformers generate", h["batch_size"], _fmt(h["elapsed_time"]), h["requests_per_second"],
+        rows.append(["transformers generate", h["batch_size"], _fmt(h["elapsed_time"]), h["requests_per_second"],
                      h["tokens_per_second"], h["output_tokens_per_second"], h.get("greedy_outputs_identical_to_jaxllm")])
     c = data.get("config", {})
     lines = [f"Workload: {c.get('num_prompts')} prompts, input {c.get('input_len')}, output {c.get('output_len')} "

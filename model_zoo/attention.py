@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.reference import paged_attention_reference
 

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from model_zoo.attention import AttentionMetadata
 from serving import sampler as smp
 from serving.buckets import BucketLadder
-from serving.compile_counter import compile_counter
 from serving.plan import Logprobs, RunnerOutput, StepPlan
 
 logger = logging.getLogger("jaxllm")
