@@ -111,6 +111,11 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _override(tuning, **overrides):
+    """The tuning-table entry with the caller's explicit keyword overrides (None = keep the table's)."""
+    return dataclasses.replace(tuning, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def _validate(q, k_cache, v_cache, layer, md, soft_cap, sliding_window, max_query_len):
     if q.ndim != 3:
         raise ValueError(f"q must be [tokens, heads, head_dim], got shape {q.shape}")
@@ -275,18 +280,12 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
     kind = "interpret" if interpret else _device_kind()
     if decode:
         tuning = _INTERPRET_DECODE if interpret else _lookup(_DECODE_TUNING, kind)
-        tuning = dataclasses.replace(
-            tuning, **{k: v for k, v in (("pages_per_block", pages_per_block),
-                                         ("num_warps", num_warps), ("num_stages", num_stages))
-                       if v is not None})
+        tuning = _override(tuning, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
         return _decode(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
                        sliding_window=sliding_window, tuning=tuning, num_splits=num_splits,
                        interpret=interpret)
     tuning = _INTERPRET_PREFILL if interpret else _lookup(_PREFILL_TUNING, kind)
-    tuning = dataclasses.replace(
-        tuning, **{k: v for k, v in (("pages_per_block", pages_per_block),
-                                     ("num_warps", num_warps), ("num_stages", num_stages))
-                   if v is not None})
+    tuning = _override(tuning, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
     return _prefill(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
                     sliding_window=sliding_window, tuning=tuning, block_q=block_q,
                     interpret=interpret)

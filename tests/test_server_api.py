@@ -6,20 +6,11 @@ The fake chat template renders [{"role": "user", "content": "hi"}] as "<|user|>h
 (24 tokens, no BOS for chat), so the reply starts "<|user|>hi".
 """
 
-import pytest
 
 from tests.fakes.fake_async_llm import FakeAsyncLLM
 from tests.server_helpers import make_client, sse_events
 
 CHAT = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture
-def client():
-    c, engine = make_client()
-    with c:
-        c.engine = engine
-        yield c
 
 
 def test_completion_text_usage_and_finish(client):

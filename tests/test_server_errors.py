@@ -14,14 +14,6 @@ from tests.server_helpers import assert_envelope, make_client, sse_events
 CHAT = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-def client():
-    c, engine = make_client()
-    with c:
-        c.engine = engine
-        yield c
-
-
 BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "a", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "a", "top_p": 0}, "top_p"),

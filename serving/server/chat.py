@@ -11,11 +11,11 @@ from starlette.responses import JSONResponse, StreamingResponse
 from serving.outputs import RequestOutput
 from serving.server import prepare as prep
 from serving.server.completions import start_jobs
-from serving.server.errors import APIError, error_body, from_exception
+from serving.server.errors import APIError, from_exception
 from serving.server.formatting import chat_logprobs, usage
 from serving.server.metrics import RequestTracker
 from serving.server.protocol import ChatCompletionRequest
-from serving.server.streaming import SSE_DONE, sse
+from serving.server.streaming import sse, terminated_sse
 
 
 def prepare_chat(state: prep.ServingState, req: ChatCompletionRequest):
@@ -74,9 +74,9 @@ async def create_chat_completion(state: prep.ServingState, req: ChatCompletionRe
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
-        return StreamingResponse(_stream(req, outputs, len(ids), response_id, created, model, role, echo,
-                                         include_usage, continuous, tok, num_top),
-                                 media_type="text/event-stream")
+        events = _stream(req, outputs, len(ids), response_id, created, model, role, echo, include_usage,
+                         continuous, tok, num_top)
+        return StreamingResponse(terminated_sse(events), media_type="text/event-stream")
 
     final: RequestOutput | None = None
     try:
@@ -112,40 +112,35 @@ async def _stream(req: ChatCompletionRequest, outputs, num_prompt: int, response
             body["usage"] = usage(num_prompt, generated)
         return body
 
-    try:
-        async for _, output in outputs:
-            generated = sum(len(c.token_ids) for c in output.outputs)
-            for c in output.outputs:
-                i = c.index
-                if i in done:
-                    continue
-                if i not in sent_text:
-                    # The first chunk of each choice carries the role (and the echoed text), as OpenAI's does.
-                    sent_text[i], sent_tokens[i] = 0, 0
-                    first = {"index": i, "delta": {"role": role, "content": echo}, "logprobs": None,
-                             "finish_reason": None}
-                    yield sse(chunk([first], continuous))
-                delta = c.text[sent_text[i]:]
-                new_ids = c.token_ids[sent_tokens[i]:]
-                finished = c.finish_reason is not None
-                if not delta and not new_ids and not finished:
-                    continue
-                logprobs = None
-                if req.logprobs and new_ids:
-                    positions = list((c.logprobs or [])[sent_tokens[i]:])
-                    positions += [None] * (len(new_ids) - len(positions))
-                    logprobs = chat_logprobs(tok, new_ids, positions, num_top)
-                sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
-                if finished:
-                    done.add(i)
-                body = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
-                        "finish_reason": c.finish_reason}
-                if finished:
-                    body["stop_reason"] = c.stop_reason
-                yield sse(chunk([body], continuous))
-        if include_usage:
-            yield sse(chunk([], True))
-    except Exception as exc:
-        err = from_exception(exc)
-        yield sse(error_body(err.message, err.status, err.param))
-    yield SSE_DONE
+    async for _, output in outputs:
+        generated = sum(len(c.token_ids) for c in output.outputs)
+        for c in output.outputs:
+            i = c.index
+            if i in done:
+                continue
+            if i not in sent_text:
+                # The first chunk of each choice carries the role (and the echoed text), as OpenAI's does.
+                sent_text[i], sent_tokens[i] = 0, 0
+                first = {"index": i, "delta": {"role": role, "content": echo}, "logprobs": None,
+                         "finish_reason": None}
+                yield sse(chunk([first], continuous))
+            delta = c.text[sent_text[i]:]
+            new_ids = c.token_ids[sent_tokens[i]:]
+            finished = c.finish_reason is not None
+            if not delta and not new_ids and not finished:
+                continue
+            logprobs = None
+            if req.logprobs and new_ids:
+                positions = list((c.logprobs or [])[sent_tokens[i]:])
+                positions += [None] * (len(new_ids) - len(positions))
+                logprobs = chat_logprobs(tok, new_ids, positions, num_top)
+            sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
+            if finished:
+                done.add(i)
+            body = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
+                    "finish_reason": c.finish_reason}
+            if finished:
+                body["stop_reason"] = c.stop_reason
+            yield sse(chunk([body], continuous))
+    if include_usage:
+        yield sse(chunk([], True))

@@ -11,11 +11,11 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from serving.outputs import RequestOutput
 from serving.server import prepare as prep
-from serving.server.errors import APIError, error_body, from_exception
+from serving.server.errors import APIError, from_exception
 from serving.server.formatting import completion_logprobs, usage
 from serving.server.metrics import RequestTracker
 from serving.server.protocol import CompletionRequest
-from serving.server.streaming import SSE_DONE, merged_outputs, sse
+from serving.server.streaming import merged_outputs, sse, terminated_sse
 
 logger = logging.getLogger("serving.server")
 
@@ -118,9 +118,9 @@ async def create_completion(state: prep.ServingState, req: CompletionRequest, ra
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
-        return StreamingResponse(_stream(req, outputs, prompts, response_id, created, model, echo_text,
-                                         echo_logprobs, num_top, include_usage, continuous, tok),
-                                 media_type="text/event-stream")
+        events = _stream(req, outputs, prompts, response_id, created, model, echo_text, echo_logprobs, num_top,
+                         include_usage, continuous, tok)
+        return StreamingResponse(terminated_sse(events), media_type="text/event-stream")
 
     final: dict[int, RequestOutput] = {}
     try:
@@ -186,38 +186,33 @@ async def _stream(req: CompletionRequest, outputs, prompts, response_id: str, cr
             body["usage"] = usage(num_prompt, sum(generated))
         return body
 
-    try:
-        async for i, output in outputs:
-            generated[i] = sum(len(c.token_ids) for c in output.outputs)
-            for c in output.outputs:
-                index = i * n + c.index
-                cur = cursors.setdefault(index, _Choice())
-                if cur.done:
-                    continue
-                delta = c.text[cur.text_len:]
-                new_ids = c.token_ids[cur.num_tokens:]
-                ids, positions = list(new_ids), list((c.logprobs or [])[cur.num_tokens:])
-                if not cur.started and req.echo:
-                    delta = echo_text(i) + delta
-                    if num_top is not None:
-                        p_ids, p_pos = echo_logprobs(i, output)
-                        ids, positions = list(p_ids) + ids, list(p_pos) + positions
-                cur.started = True
-                finished = c.finish_reason is not None
-                if not delta and not new_ids and not finished:
-                    continue
-                logprobs = None
+    async for i, output in outputs:
+        generated[i] = sum(len(c.token_ids) for c in output.outputs)
+        for c in output.outputs:
+            index = i * n + c.index
+            cur = cursors.setdefault(index, _Choice())
+            if cur.done:
+                continue
+            delta = c.text[cur.text_len:]
+            new_ids = c.token_ids[cur.num_tokens:]
+            ids, positions = list(new_ids), list((c.logprobs or [])[cur.num_tokens:])
+            if not cur.started and req.echo:
+                delta = echo_text(i) + delta
                 if num_top is not None:
-                    positions += [None] * (len(ids) - len(positions))
-                    logprobs, cur.offset = completion_logprobs(tok, ids, positions, num_top, cur.offset)
-                cur.text_len, cur.num_tokens = len(c.text), len(c.token_ids)
-                cur.done = finished
-                choice = {"index": index, "text": delta, "logprobs": logprobs,
-                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
-                yield sse(chunk([choice], continuous))
-        if include_usage:
-            yield sse(chunk([], True))
-    except Exception as exc:
-        err = from_exception(exc)
-        yield sse(error_body(err.message, err.status, err.param))
-    yield SSE_DONE
+                    p_ids, p_pos = echo_logprobs(i, output)
+                    ids, positions = list(p_ids) + ids, list(p_pos) + positions
+            cur.started = True
+            finished = c.finish_reason is not None
+            if not delta and not new_ids and not finished:
+                continue
+            logprobs = None
+            if num_top is not None:
+                positions += [None] * (len(ids) - len(positions))
+                logprobs, cur.offset = completion_logprobs(tok, ids, positions, num_top, cur.offset)
+            cur.text_len, cur.num_tokens = len(c.text), len(c.token_ids)
+            cur.done = finished
+            choice = {"index": index, "text": delta, "logprobs": logprobs,
+                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+            yield sse(chunk([choice], continuous))
+    if include_usage:
+        yield sse(chunk([], True))

@@ -23,6 +23,7 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence
 from starlette.requests import Request
 
 from serving.outputs import RequestOutput
+from serving.server.errors import error_body, from_exception
 
 _END = object()
 
@@ -125,3 +126,15 @@ def sse(data: Any, event: Optional[str] = None) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+async def terminated_sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Relay an OpenAI SSE stream: a failure mid-stream becomes one error event in the envelope,
+    and the stream always ends with ``data: [DONE]`` (completions and chat share this)."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        err = from_exception(exc)
+        yield sse(error_body(err.message, err.status, err.param))
+    yield SSE_DONE
