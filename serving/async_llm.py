@@ -104,9 +104,10 @@ class AsyncLLM:
             if kind == "abort":
                 self.engine.abort_request(request_id)
                 continue
-            prompt, params, priority, cache_salt = payload
+            text, ids, params, priority, cache_salt = payload
             try:
-                self.engine.add_request(request_id, prompt, params, priority=priority, cache_salt=cache_salt)
+                self.engine.add_validated_request(request_id, text, ids, params, priority=priority,
+                                                  cache_salt=cache_salt)
             except ValueError as e:   # e.g. a request id already in use
                 with self._lock:
                     self._push(request_id, e)
@@ -162,8 +163,7 @@ class AsyncLLM:
             if request_id in self._queues:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._queues[request_id] = (loop, q)
-            self._inbox.append(("add", request_id, ({"prompt": text, "prompt_token_ids": ids}, sampling_params,
-                                                    priority, cache_salt)))
+            self._inbox.append(("add", request_id, (text, ids, sampling_params, priority, cache_salt)))
         self._wakeup.set()
         finished = False
         try:

@@ -147,10 +147,18 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, *,
                     priority: int = 0, cache_salt: Optional[str] = None,
                     arrival_time: Optional[float] = None) -> None:
-        if request_id in self._parents:
-            raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = parse_prompt(prompt, self.tokenizer, params, self.max_model_len)
         self.validate_request(ids, params)
+        self.add_validated_request(request_id, text, ids, params, priority=priority, cache_salt=cache_salt,
+                                   arrival_time=arrival_time)
+
+    def add_validated_request(self, request_id: str, text: Optional[str], ids: list[int], params: SamplingParams,
+                              *, priority: int = 0, cache_salt: Optional[str] = None,
+                              arrival_time: Optional[float] = None) -> None:
+        """``add_request`` for a prompt already parsed and passed through ``validate_request``
+        (AsyncLLM does both on the caller's thread, off the device loop)."""
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
         now = time.time() if arrival_time is None else arrival_time
         n = params.n
         children = []
