@@ -218,13 +218,13 @@ def prefill_mfu(llm, prompt_len: int) -> dict:
     return {"prompt_len": prompt_len, "seconds": round(secs, 4), "tflops": round(flops / secs / 1e12, 1)}
 
 
-def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str) -> dict:
+def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature: float = 0.0) -> dict:
     from serving import SamplingParams
 
     eng = llm.engine
     vocab = eng.model_config.vocab_size
     rng = np.random.RandomState(batch)
-    params = SamplingParams(temperature=0.0, max_tokens=steps * 4 + 64, ignore_eos=True, detokenize=False)
+    params = SamplingParams(temperature=temperature, max_tokens=steps * 4 + 64, ignore_eos=True, detokenize=False)
     ids = [f"prof-{batch}-{i}" for i in range(batch)]
     for rid in ids:
         eng.add_request(rid, {"prompt_token_ids": rng.randint(0, vocab, ctx).tolist()}, params)
@@ -289,6 +289,7 @@ def main(argv=None) -> int:
     ap.add_argument("--token-buckets", default="512")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--prefill-len", type=int, default=0, help="also time one prompt of this many tokens")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     ap.add_argument("--tag", default="", help="suffix of the result name (a variant's label)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--trace-dir", default=None)
@@ -310,12 +311,13 @@ def main(argv=None) -> int:
     res = {"what": "decode-step profile", "date": datetime.date.today().isoformat(), "jax": jax.__version__,
            "commit": _commit(), "device": jax.devices()[0].device_kind, "model": args.model,
            "dtype": args.dtype, "attention": args.attention_backend, "tag": args.tag,
+           "temperature": args.temperature,
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "startup_s": round(startup, 1),
            "weight_gb": round(weight_bytes / 1e9, 3), "command": " ".join(["benchmarks/gpu_profile.py"] + (argv or sys.argv[1:])),
            "runs": []}
     trace_root = args.trace_dir or tempfile.mkdtemp(prefix="jaxllm-prof-")
     for b in batches:
-        res["runs"].append(run_batch(llm, b, args.ctx, args.steps, trace_root))
+        res["runs"].append(run_batch(llm, b, args.ctx, args.steps, trace_root, args.temperature))
     if args.prefill_len:
         res["prefill"] = prefill_mfu(llm, args.prefill_len)
     del llm
