@@ -14,7 +14,7 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,9 +93,19 @@ def _throughput(data: dict) -> list[str]:
 
 def _hf_baseline(data: dict) -> list[str]:
     r = data["results"]
-    return _table(["batch", "static cache", "torch.compile", "req/s", "total tok/s", "output tok/s"],
-                  [[r["batch_size"], r["static_cache"], r.get("torch_compile"), r["requests_per_second"],
-                    r["tokens_per_second"], r["output_tokens_per_second"]]])
+    c = data.get("config", {})
+    rows = []
+    for run in r.get("runs") or [r]:       # every variant tried (eager, compiled); the best is the result
+        if "requests_per_second" not in run:
+            rows.append([r["batch_size"], r["static_cache"], run.get("torch_compile"), "-", "-", "-", "-",
+                         f"failed: {run.get('error', '?')}"])
+            continue
+        rows.append([run["batch_size"], run["static_cache"], run.get("torch_compile"), run["requests_per_second"],
+                     run["tokens_per_second"], run["output_tokens_per_second"], run.get("warmup_s"),
+                     "**result**" if run.get("torch_compile") == r.get("torch_compile") else ""])
+    return [f"Dataset {c.get('dataset')}, {c.get('num_prompts')} prompts, batches of {r['batch_size']}.", "",
+            *_table(["batch", "static cache", "torch.compile", "req/s", "total tok/s", "output tok/s",
+                     "warm-up s", ""], rows)]
 
 
 def _serve(data: dict) -> list[str]:
@@ -113,14 +123,35 @@ def _serve(data: dict) -> list[str]:
 
 def _buckets(data: dict) -> list[str]:
     r = data["results"]
-    rows = [[x["ladder"], x["num_executables"], x["compile_s"], x["output_throughput"], x["itl_p50_ms"],
-             x["itl_p99_ms"], x["padding_waste_pct"]] for x in r["ladders"]]
-    return [*_table(["ladder", "executables", "compile s", "output tok/s", "ITL P50 ms", "ITL P99 ms", "padding %"],
-                    rows), "", f"Recommended: **{r['recommended']}**. {r.get('why', '')}"]
+    c = data.get("config", {})
+    # benchmarks/gpu_bench_suite.py runs each ladder in its own process and counts the executables
+    # it added to the compilation cache (the others were loaded, so their compile_s is load time).
+    cached = any("new_cache_entries" in x for x in r["ladders"])
+    rows = [[x["ladder"], x["num_executables"], *([x.get("new_cache_entries")] if cached else []), x["compile_s"],
+             x["output_throughput"], x["itl_p50_ms"], x["itl_p99_ms"], x["padding_waste_pct"]] for x in r["ladders"]]
+    header = ["ladder", "executables", *(["new cache entries"] if cached else []), "compile s", "output tok/s",
+              "ITL P50 ms", "ITL P99 ms", "padding %"]
+    return [f"Dataset {c.get('dataset')}, {c.get('num_prompts')} prompts." + (f" {c['note']}." if c.get("note") else ""),
+            "", *_table(header, rows), "", f"Recommended: **{r['recommended']}**. {r.get('why', '')}"]
+
+
+def _startup(data: dict) -> list[str]:
+    r = data["results"]
+    rows = [[s["process"], "empty" if s["cache_entries_before"] == 0 else f"{s['cache_entries_before']} entries",
+             s.get("new_cache_entries"), s.get("startup_s"), s.get("compile_s"),
+             s.get("weights_s", s.get("weights_and_kv_s")), s.get("num_executables"), s.get("process_s")]
+            for s in r.get("starts", [])]
+    line = "; ".join(f"{which}: " + ("not measured" if r.get(which) is None else
+                                     f"{_fmt(r[which]['startup_s'], 1)} s ({r[which]['process']})")
+                     for which in ("cold", "cached"))
+    note = data.get("config", {}).get("note")
+    return [f"**Engine start-up {line}.**" + (f" {note}." if note else ""), "",
+            *_table(["process", "compilation cache before", "new cache entries", "engine start s",
+                     "compile / load s", "weights (+ KV) s", "executables", "launch to ready s"], rows)]
 
 
 _RENDERERS = {"throughput-vs-hf": _throughput_vs_hf, "throughput": _throughput, "hf-baseline": _hf_baseline,
-              "serve": _serve, "buckets": _buckets}
+              "serve": _serve, "buckets": _buckets, "startup": _startup}
 
 
 def _flat(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -143,42 +174,87 @@ def _get(data: dict, path: tuple):
     return data
 
 
-# Issue 8's one-GPU targets: (figure, target, results file glob, key path, unit). A pair of globs
-# (numerator, denominator) makes a ratio row: the key's value in the newest file of each, divided.
+class Target(NamedTuple):
+    """One row of issue 8's targets table. ``pattern`` is a results-file glob (the newest file counts)
+    or a pair (numerator, denominator) for a ratio row; ``key`` a key path, or one per file of a pair.
+    ``same_run``: a ratio only of files of one date (one run), e.g. served / offline."""
+    figure: str
+    target: str
+    pattern: Any
+    key: tuple
+    unit: str
+    same_run: bool = False
+
+
 _H100 = "*-nvidia-h100-80gb-hbm3-engine.json"
 _H200 = "*-nvidia-h200-engine.json"
 _ITL = ("llama-3.1-8b", "batch1_itl_ms_ctx512")
 _RANDOM_RPS = ("llama-3.1-8b", "random_1024_128", "requests_per_s")
+_RPS, _SERVED_RPS = ("results", "requests_per_second"), ("results", "request_throughput")
+# Files of benchmarks/gpu_bench_suite.py (<date>-h100-8b-<what>.json).
+_SUITE = "*-h100-8b-"
+
+
+def _served_over(figure: str, target: str, served: str, base: str) -> Target:
+    """A ratio row of the suite's files of one run: bench serve's req/s over an offline req/s."""
+    return Target(figure, target, (_SUITE + served, _SUITE + base), (_SERVED_RPS, _RPS), "x", same_run=True)
+
+
 _TARGETS = [
-    ("batch-1 ITL, Llama-3.1-8B bf16, context <= 1k, H100", "<= 5.8 ms (vLLM 6.44 ms; roofline ~5.0)",
-     _H100, _ITL, "ms"),
-    ("offline throughput, random 1024-in/128-out, 8B bf16, H100", "record (H200 >= 1.25x H100)",
-     _H100, _RANDOM_RPS, "req/s"),
-    ("start-up, 8B, 9 executables, cold compile, H100", "record; <= 60 s with the cache",
-     _H100, ("llama-3.1-8b", "startup_s"), "s"),
-    ("batch-1 ITL, Llama-3.1-8B bf16, context <= 1k, H200", "record (below the H100 figure)",
-     _H200, _ITL, "ms"),
-    ("offline throughput, random 1024-in/128-out, 8B bf16, H200", "record",
-     _H200, _RANDOM_RPS, "req/s"),
-    ("offline throughput ratio H200 / H100, random 1024-in/128-out", ">= 1.25x",
-     (_H200, _H100), _RANDOM_RPS, "x"),
-    ("served (bench serve, rate inf) / offline throughput, random 1024/128, 300 prompts, 8B, H100", ">= 0.9",
-     ("*-h100-8b-random1024-served-inf.json", "*-h100-8b-random1024-offline.json"),
-     (("results", "request_throughput"), ("results", "requests_per_second")), "x"),
+    Target("batch-1 ITL, Llama-3.1-8B bf16, context <= 1k, H100", "<= 5.8 ms (vLLM 6.44 ms; roofline ~5.0)",
+           _H100, _ITL, "ms"),
+    Target("offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100", ">= 40 req/s (vLLM v0.6 ~36.5)",
+           _SUITE + "sharegpt-offline.json", _RPS, "req/s"),
+    Target("offline throughput, random 1024-in/128-out, 8B bf16, H100", "record (H200 >= 1.25x H100)",
+           _H100, _RANDOM_RPS, "req/s"),
+    Target("offline throughput, random 1024-in/128-out, 8B bf16, H100 (bench throughput)", "record",
+           _SUITE + "random1024-offline.json", _RPS, "req/s"),
+    Target("start-up, 8B, 9 executables, cold compile, H100", "record; <= 60 s with the cache",
+           _H100, ("llama-3.1-8b", "startup_s"), "s"),
+    Target("start-up, 8B, engine build on an empty compilation cache, H100", "record",
+           _SUITE + "startup.json", ("results", "cold", "startup_s"), "s"),
+    Target("start-up, 8B, engine build with the compilation cache, H100", "<= 60 s",
+           _SUITE + "startup.json", ("results", "cached", "startup_s"), "s"),
+    Target("batch-1 ITL, Llama-3.1-8B bf16, context <= 1k, H200", "record (below the H100 figure)",
+           _H200, _ITL, "ms"),
+    Target("offline throughput, random 1024-in/128-out, 8B bf16, H200", "record",
+           _H200, _RANDOM_RPS, "req/s"),
+    Target("offline throughput ratio H200 / H100, random 1024-in/128-out", ">= 1.25x",
+           (_H200, _H100), _RANDOM_RPS, "x"),
+    _served_over("served (bench serve, rate inf) / offline throughput, random 1024/128, 300 prompts, 8B, H100",
+                 ">= 0.9", "random1024-served-inf.json", "random1024-offline.json"),
+    _served_over("served (bench serve, rate inf) / offline throughput, sharegpt-synthetic, 8B, H100", ">= 0.9",
+                 "sharegpt-served-inf.json", "sharegpt-offline.json"),
+    _served_over("jaxllm (served, 64 in flight) / HF transformers (batch 64), random 1024/128, 8B bf16, H100",
+                 ">= 10x", "random1024-served-c64.json", "random1024-hf-b64.json"),
+    _served_over("jaxllm (served, 64 in flight) / HF transformers (batch 64), sharegpt-synthetic, 8B bf16, H100",
+                 ">= 10x", "sharegpt-served-c64.json", "sharegpt-hf-b64.json"),
 ]
 
 
-def _newest(results_dir: Path, pattern: str) -> tuple[Any, str]:
-    """(parsed newest file matching pattern or None, its name or "-"); names sort by their date prefix."""
-    hits = sorted(results_dir.glob(pattern))
+def _newest(results_dir: Path, pattern: str, date: str | None = None) -> tuple[Any, str]:
+    """(parsed newest file matching pattern or None, its name or "-"); names sort by their date prefix.
+    With ``date``, only files whose name starts with it."""
+    hits = [p for p in sorted(results_dir.glob(pattern)) if date is None or p.name.startswith(date)]
     return (json.loads(hits[-1].read_text()), hits[-1].name) if hits else (None, "-")
+
+
+def _shared_date(results_dir: Path, patterns) -> str | None:
+    """The newest date prefix (yyyy-mm-dd) that files of every pattern have."""
+    dates = [{p.name[:10] for p in results_dir.glob(pat)} for pat in patterns]
+    common = set.intersection(*dates) if dates else set()
+    return max(common) if common else None
 
 
 def _targets(results_dir: Path) -> list[str]:
     rows = []
-    for figure, target, pattern, key, unit in _TARGETS:
+    for figure, target, pattern, key, unit, same_run in _TARGETS:
         if isinstance(pattern, tuple):
-            (num, num_name), (den, den_name) = (_newest(results_dir, p) for p in pattern)
+            date = _shared_date(results_dir, pattern) if same_run else None
+            if same_run and date is None:
+                (num, num_name), (den, den_name) = (None, "-"), (None, "-")
+            else:
+                (num, num_name), (den, den_name) = (_newest(results_dir, p, date) for p in pattern)
             num_key, den_key = key if isinstance(key[0], tuple) else (key, key)   # a key path per file, or one
             a = _get(num, num_key) if num is not None else None
             b = _get(den, den_key) if den is not None else None
@@ -187,6 +263,8 @@ def _targets(results_dir: Path) -> list[str]:
         else:
             data, name = _newest(results_dir, pattern)
             value = _get(data, key) if data is not None else None
+            if isinstance(value, float):
+                value = round(value, 3)
         rows.append([figure, target, "not measured" if value is None else f"{value} {unit}", name])
     return ["## One-GPU targets (issue 8) measured so far", "",
             *_table(["figure", "target", "measured", "file"], rows), ""]

@@ -1,4 +1,5 @@
-"""benchmarks/make_results_md.py's issue-8 targets table: single figures and the H200/H100 ratio row."""
+"""benchmarks/make_results_md.py's issue-8 targets table: single figures, the H200/H100 ratio row, and the
+rows read from benchmarks/gpu_bench_suite.py's files (ratios of one run only where that matters)."""
 
 import importlib.util
 import json
@@ -33,3 +34,54 @@ def test_ratio_row_not_measured_without_both_files(tmp_path):
     _engine(tmp_path / "2026-02-01-nvidia-h100-80gb-hbm3-engine.json", 8.0, 20.0)
     row = next(l for l in _render(tmp_path).splitlines() if l.startswith("| offline throughput ratio H200 / H100"))
     assert "| not measured |" in row and "- / 2026-02-01-nvidia-h100-80gb-hbm3-engine.json" in row
+
+
+def _suite_file(path, kind, results):
+    path.write_text(json.dumps({"benchmark": kind, "environment": {}, "config": {}, "results": results}))
+
+
+def _served(rps):
+    return {"request_throughput": rps, "completed": 10, "failed": 0, "output_throughput": 100.0}
+
+
+def _throughput(rps):
+    return {"requests_per_second": rps, "tokens_per_second": 1.0, "output_tokens_per_second": 1.0,
+            "total_prompt_tokens": 1, "total_output_tokens": 1}
+
+
+def test_suite_rows_sharegpt_startup_and_hf_ratio(tmp_path):
+    d = "2026-03-01-h100-8b-"
+    _suite_file(tmp_path / f"{d}sharegpt-offline.json", "throughput", _throughput(40.0))
+    _suite_file(tmp_path / f"{d}sharegpt-served-inf.json", "serve", _served(38.0))
+    _suite_file(tmp_path / f"{d}random1024-served-c64.json", "serve", _served(12.0))
+    hf_run = {"batch_size": 64, "static_cache": True, "torch_compile": "off", "requests_per_second": 0.8,
+              "tokens_per_second": 900.0, "output_tokens_per_second": 100.0, "warmup_s": 5.0}
+    _suite_file(tmp_path / f"{d}random1024-hf-b64.json", "hf-baseline",
+                {**hf_run, "runs": [hf_run, {"torch_compile": "failed", "error": "BackendCompilerFailed: x"}]})
+    _suite_file(tmp_path / f"{d}startup.json", "startup",
+                {"cold": {"process": "a", "startup_s": 210.04, "compile_s": 190.0},
+                 "cached": {"process": "b", "startup_s": 31.5, "compile_s": 6.0}, "starts": []})
+    text = _render(tmp_path)
+    rows = {l.split(" | ")[0].lstrip("| "): l for l in text.splitlines() if l.startswith("| ")}
+    assert "| 40.0 req/s |" in rows["offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100"]
+    assert "| 0.95 x |" in rows["served (bench serve, rate inf) / offline throughput, sharegpt-synthetic, 8B, H100"]
+    assert "| 15.0 x |" in rows["jaxllm (served, 64 in flight) / HF transformers (batch 64), random 1024/128, 8B bf16, H100"]
+    assert "| 31.5 s |" in rows["start-up, 8B, engine build with the compilation cache, H100"]
+    assert "| 210.04 s |" in rows["start-up, 8B, engine build on an empty compilation cache, H100"]
+    # The files' own sections: every HF variant tried, the failed compile with its error.
+    assert "| 64 | True | off | 0.80 | 900.00 | 100.00 | 5.00 | **result** |" in text
+    assert "| 64 | True | failed | - | - | - | - | failed: BackendCompilerFailed: x |" in text
+    assert "**Engine start-up cold: 210.0 s (a); cached: 31.5 s (b).**" in text
+
+
+def test_same_run_ratio_pairs_files_of_one_date_only(tmp_path):
+    served = "served (bench serve, rate inf) / offline throughput, sharegpt-synthetic"
+
+    def row():
+        return next(l for l in _render(tmp_path).splitlines() if l.startswith(f"| {served}"))
+
+    _suite_file(tmp_path / "2026-03-01-h100-8b-sharegpt-served-inf.json", "serve", _served(30.0))
+    _suite_file(tmp_path / "2026-03-02-h100-8b-sharegpt-offline.json", "throughput", _throughput(40.0))
+    assert "| not measured |" in row()              # served and offline of different runs are not divided
+    _suite_file(tmp_path / "2026-03-01-h100-8b-sharegpt-offline.json", "throughput", _throughput(32.0))
+    assert "| 0.938 x | 2026-03-01-h100-8b-sharegpt-served-inf.json / 2026-03-01-h100-8b-sharegpt-offline.json |" in row()

@@ -18,14 +18,15 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit(repo: Path = _REPO_ROOT) -> Optional[str]:
-    """HEAD's hash, with "-dirty" when tracked files differ from it; None outside a git checkout."""
+    """HEAD's hash, with "-dirty" when tracked files differ from it. Outside a git checkout (a copy
+    of the tree on a GPU machine) $JAXLLM_COMMIT, which whoever copied the tree sets; else None."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("JAXLLM_COMMIT") or None
     return head + ("-dirty" if dirty else "")
 
 
