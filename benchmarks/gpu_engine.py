@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,11 +22,8 @@ import numpy as np
 
 
 def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        out = ""
-    return out or os.environ.get("JAXLLM_COMMIT", "unknown")   # the GPU machine's copy has no .git
+    from serving.bench.environment import git_commit
+    return git_commit() or "unknown"
 
 
 def check_pallas_equals_xla(results: dict) -> None:

@@ -289,6 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--token-buckets", default="512")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--prefill-len", type=int, default=0, help="also time one prompt of this many tokens")
+    ap.add_argument("--min-decode-tokens", type=int, default=None,
+                    help="experiment: ModelRunner.min_decode_tokens (token rows of a decode executable)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     ap.add_argument("--tag", default="", help="suffix of the result name (a variant's label)")
     ap.add_argument("--out", default="benchmarks/results")
@@ -299,6 +301,9 @@ def main(argv=None) -> int:
     from serving import LLM
 
     batches = [int(b) for b in args.batch.split(",")]
+    if args.min_decode_tokens is not None:
+        from serving.model_runner import ModelRunner
+        ModelRunner.min_decode_tokens = args.min_decode_tokens
     load_format = args.load_format or ("auto" if os.path.exists(args.model) else "dummy")
     t = time.perf_counter()
     llm = LLM(args.model, load_format=load_format, dtype=args.dtype, attention_backend=args.attention_backend,
@@ -311,13 +316,19 @@ def main(argv=None) -> int:
     res = {"what": "decode-step profile", "date": datetime.date.today().isoformat(), "jax": jax.__version__,
            "commit": _commit(), "device": jax.devices()[0].device_kind, "model": args.model,
            "dtype": args.dtype, "attention": args.attention_backend, "tag": args.tag,
-           "temperature": args.temperature,
+           "temperature": args.temperature, "min_decode_tokens": args.min_decode_tokens,
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "startup_s": round(startup, 1),
            "weight_gb": round(weight_bytes / 1e9, 3), "command": " ".join(["benchmarks/gpu_profile.py"] + (argv or sys.argv[1:])),
            "runs": []}
     trace_root = args.trace_dir or tempfile.mkdtemp(prefix="jaxllm-prof-")
     for b in batches:
         res["runs"].append(run_batch(llm, b, args.ctx, args.steps, trace_root, args.temperature))
+    # Greedy tokens of a fixed prompt: variants of one model (same dummy seed) must agree.
+    from serving import SamplingParams
+    check = llm.generate([{"prompt_token_ids": list(range(100, 300))}],
+                         SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, detokenize=False),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    res["check_tokens"] = list(check)
     if args.prefill_len:
         res["prefill"] = prefill_mfu(llm, args.prefill_len)
     del llm
@@ -330,6 +341,7 @@ def main(argv=None) -> int:
         res["copy_gbps"] = round(bw, 1)
         res["roofline_ms"] = round(weight_bytes / (bw * 1e9) * 1e3, 3)
     print_table(res)
+    print("check tokens:", res["check_tokens"][:12])
     if "prefill" in res:
         print(f"prefill {res['prefill']['prompt_len']} tokens: {res['prefill']['seconds'] * 1e3:.1f} ms, "
               f"{res['prefill']['tflops']} TFLOP/s; matmul {res.get('matmul_tflops')} TFLOP/s; "

@@ -18,8 +18,10 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def git_commit(repo: Path = _REPO_ROOT) -> Optional[str]:
-    """HEAD's hash, with "-dirty" when tracked files differ from it. Outside a git checkout (a copy
-    of the tree on a GPU machine) $JAXLLM_COMMIT, which whoever copied the tree sets; else None."""
+    """HEAD's hash, with "-dirty" when tracked files differ from it; $JAXLLM_COMMIT first when set:
+    whoever copies the tree to a GPU machine sets it (the copy may carry a stale .git of its own)."""
+    if os.environ.get("JAXLLM_COMMIT"):
+        return os.environ["JAXLLM_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
