@@ -58,8 +58,9 @@ def per_device_bytes(arrays) -> dict:
     return out
 
 
-def collective_counts(runner) -> dict:
-    exe = next(iter(runner._executables.values()))
+def collective_counts(runner, shape=None) -> dict:
+    """Collective ops in one compiled step: the executable of bucket `shape` (default: the first)."""
+    exe = runner._executables[shape] if shape is not None else next(iter(runner._executables.values()))
     hlo = exe.as_text()
     return {op: len(re.findall(rf"= \S+ {op}(?:-start)?\(", hlo))
             for op in ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")}

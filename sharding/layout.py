@@ -10,7 +10,8 @@ gets an equal, head-aligned share):
 * q_heads, mlp, embed, layers: a size that does not divide is a clear ValueError (padding heads
   would change the per-device work and is not worth the equivalence proof here);
 * kv_heads: replicated when tp exceeds the number of KV heads or does not divide it — every device
-  then holds all KV heads of its stage (vLLM does the same), and its query heads pick theirs;
+  then holds all KV heads of its stage (vLLM does the same), and its query heads pick theirs
+  (sharding/attention.py: attention runs per head shard, so a Pallas kernel needs no gather);
 * vocab: replicated when the vocabulary does not divide (a memory cost, logged, never an error).
 """
 
@@ -150,15 +151,37 @@ class ShardingLayout:
             return jax.lax.with_sharding_constraint(x, spec)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
 
+    def _split_axes(self, logical_axis: str) -> tuple[str, ...]:
+        """Mesh axes (size > 1, pipeline axis excluded) that split a logical axis."""
+        pp = self.pipeline_axis
+        return tuple(m for m in _axes_tuple(self.table.get(logical_axis))
+                     if m != pp and self.mesh.shape[m] > 1)
+
+    def shard_local_attention(self, attention_fn):
+        """`attention_fn` run per head shard (sharding/attention.py): a Pallas kernel, which GSPMD
+        cannot partition, then sees only its device's heads and needs no collective."""
+        heads, kv = self._split_axes("q_heads"), self._split_axes("kv_heads")
+        if not heads or hasattr(attention_fn, "shard_local"):
+            return attention_fn
+        if kv and kv != heads:
+            logger.warning("KV heads split over %s but query heads over %s: attention is left to "
+                           "GSPMD (a Pallas kernel would be gathered)", kv, heads)
+            return attention_fn
+        from sharding.attention import shard_local_attention
+
+        return shard_local_attention(attention_fn, self.mesh, self.config, heads, kv_split=bool(kv))
+
     def attach(self, model, *, num_micro_batches: Optional[int] = None,
                unroll_stage_layers: bool = False):
-        """Install the layout's hooks on a model (activation constraints; pipeline stages).
+        """Install the layout's hooks on a model (activation constraints; shard-local attention;
+        pipeline stages).
 
         Micro-batches default to the number of stages: enough to keep every stage busy in the
         steady state without making each micro-batch too small for the tensor cores.
         `unroll_stage_layers`: a stage runs its layers as straight-line code instead of a scan.
         """
         model.constrain = self.constrain
+        model.attention_fn = self.shard_local_attention(model.attention_fn)
         pp = self.pipeline_axis
         if pp is not None:
             from sharding.pipeline import make_pipeline

@@ -183,3 +183,55 @@ def test_kv_cache_shards_count_the_devices_a_page_is_split_over():
     assert _layout(tp=2, pp=2, num_kv_heads=2).kv_cache_shards == 4
     assert _layout(tp=4, pp=1, num_kv_heads=2).kv_cache_shards == 1      # replicated KV heads
     assert _layout("mlp-only", tp=2, pp=1).kv_cache_shards == 1
+
+
+@pytest.mark.parametrize("heads,kv_heads,shards,block_heads,blocks,q_offsets", [
+    (8, 2, 4, 1, (0, 0, 1, 1), (0, 2, 0, 2)),      # TP a multiple of the KV heads: one KV head each
+    (12, 3, 2, 3, (0, 0), (0, 6)),                 # windows [0,2) and [1,3): only the whole cache fits
+    (24, 6, 4, 3, (0, 0, 1, 1), (0, 6, 0, 6)),     # windows [0,2) [1,3) [3,5) [4,6): blocks of 3
+    (8, 8, 4, 2, (0, 1, 2, 3), (0, 0, 0, 0)),      # replicated by a rule although it divides
+])
+def test_replicated_kv_cache_windows(heads, kv_heads, shards, block_heads, blocks, q_offsets):
+    """Which aligned block of KV heads each head shard reads from a replicated cache, and where its
+    query heads sit in that block's heads (sharding/attention.py)."""
+    from sharding.attention import KVWindows
+
+    w = KVWindows.for_heads(heads, kv_heads, shards)
+    assert (w.block_heads, w.blocks, w.q_offsets) == (block_heads, blocks, q_offsets)
+    group, local = heads // kv_heads, heads // shards
+    for i in range(shards):
+        # Every query head of shard i uses a KV head inside its block.
+        for h in range(i * local, (i + 1) * local):
+            assert blocks[i] * block_heads <= h // group < (blocks[i] + 1) * block_heads
+
+
+def test_gpu_sharding_benchmark_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/gpu_sharding.py --cpu-smoke: every configuration in its own worker process on
+    forced host devices (a tiny model standing in for both shapes), JSON + figure + targets."""
+    from tests.tiny_models import make_tiny_hf_model
+
+    model, _ = make_tiny_hf_model("llama", tmp_path / "m", num_attention_heads=8, num_key_value_heads=8,
+                                  hidden_size=128, num_hidden_layers=2)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_sharding.py", "--cpu-smoke", "--model", str(model),
+                           "--load-format", "auto", "--configs", "tp1,70b-tp4", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (path,) = out.glob("*-cpux4-sharding.json")
+    assert path.with_suffix(".png").exists()
+    data = json.loads(path.read_text())
+    assert data["environment"]["device_count"] == 4 and data["environment"]["commit"]
+    tp1, tp4 = data["results"]["configs"]
+    assert (tp1["config"], tp1["devices_used"], tp4["config"], tp4["devices_used"]) == ("tp1", 1, "70b-tp4", 4)
+    assert tp1["served_tokens"] == tp4["served_tokens"] and len(tp1["served_tokens"]) == 8
+    for r in (tp1, tp4):
+        assert r["model_shape"]["num_heads"] == 8 and r["jax_version"] == jax.__version__
+        assert r["batch1"]["batch"] == 1 and r["itl_ms"] > 0
+    assert tp1["batch_decode"]["batch"] == 4 and "batch_decode" not in tp4
+    # TP 4 over 8 KV heads: each device holds a quarter of the weights' big matrices and of the cache.
+    assert len(tp4["memory"]) == 4
+    assert {m["kv_bytes"] for m in tp4["memory"]} == {tp1["memory"][0]["kv_bytes"]}   # same bytes, 4x pages
+    assert max(m["weights_bytes"] for m in tp4["memory"]) < tp1["memory"][0]["weights_bytes"] / 2
+    assert tp4["roofline_ms"] == round(1e3 * tp4["weight_bytes"] / (4 * tp4["copy_bandwidth"]["bytes_per_s"]), 3)
+    assert data["results"]["targets"]["70b_tp4_itl_over_roofline"]["value"] == tp4["itl_over_roofline"]

@@ -142,7 +142,13 @@ def tiny_dirs(tmp_path_factory):
                               hidden_size=64, num_hidden_layers=4)
     b, _ = make_tiny_hf_model("qwen2", root / "h16", num_attention_heads=16, num_key_value_heads=4,
                               hidden_size=128, num_hidden_layers=4)
-    return {"h8": str(a), "h16": str(b)}
+    # Head dim 16 (the Pallas kernels' minimum): 8 query heads over 8 KV heads (split at every TP)
+    # and over 2 (replicated at TP 4); 2 layers a stage at PP 2 is plenty.
+    c, _ = make_tiny_hf_model("llama", root / "kv8", num_attention_heads=8, num_key_value_heads=8,
+                              hidden_size=128, num_hidden_layers=2)
+    d, _ = make_tiny_hf_model("llama", root / "kv2", num_attention_heads=8, num_key_value_heads=2,
+                              hidden_size=128, num_hidden_layers=2)
+    return {"h8": str(a), "h16": str(b), "kv8": str(c), "kv2": str(d)}
 
 
 def test_tiny_model_tp_and_pp_match_single_device(tiny_dirs):
@@ -155,6 +161,22 @@ def test_tiny_model_tp_and_pp_match_single_device(tiny_dirs):
         assert tokens == ref, (tp, pp, rules)
         _assert_shards(_runner(llm), tp, pp, kv_split=2 % tp == 0,
                        vocab_split=tp * pp if rules else tp)
+
+
+@pytest.mark.parametrize("model", ["kv8", "kv2"])
+def test_pallas_backend_tp_and_pp_match_single_device(tiny_dirs, model):
+    """The Pallas kernels (interpreted here; opaque custom calls on a GPU) under TP 2, TP 4 and
+    TP 2 x PP 2 run per head shard (sharding/attention.py) and give the one-device tokens, through
+    the prefill and the decode kernel. With 2 KV heads TP 4 replicates the cache."""
+    ref, _ = _generate(tiny_dirs[model], max_tokens=4, attention_backend="pallas")
+    for tp, pp in [(2, 1), (4, 1), (2, 2)]:
+        tokens, llm = _generate(tiny_dirs[model], max_tokens=4, attention_backend="pallas",
+                                tensor_parallel_size=tp, pipeline_parallel_size=pp)
+        assert tokens == ref, (model, tp, pp)
+        runner = _runner(llm)
+        assert runner.decode_buckets
+        kv_heads = runner.config.num_kv_heads
+        _assert_shards(runner, tp, pp, kv_split=kv_heads % tp == 0)
 
 
 def test_rules_file_changes_shardings_not_outputs(tiny_dirs, tmp_path):
@@ -184,7 +206,11 @@ def test_tp_does_not_divide_heads_is_a_clear_error(tiny_dirs):
 
 
 # ----------------------------------------------------------------------------- collectives
-def _collectives(tp, pp, rules=None):
+def _traced_step(tp, pp, rules=None, *, attention="xla", num_heads=8, num_kv_heads=4, head_dim=8,
+                 max_query_len=None):
+    """The serving forward of a tiny Llama under a (tp, pp) layout: (jaxpr, compiled HLO text)."""
+    import functools
+
     import jax.numpy as jnp
     from flax import nnx
 
@@ -195,10 +221,18 @@ def _collectives(tp, pp, rules=None):
     from sharding import build_layout
 
     cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=64,
-                      intermediate_size=128, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=8)
+                      intermediate_size=128, num_layers=4, num_heads=num_heads,
+                      num_kv_heads=num_kv_heads, head_dim=head_dim)
     layout = build_layout(cfg, tensor_parallel_size=tp, pipeline_parallel_size=pp, rules=rules)
     params = dummy_params(cfg, jnp.float32, sharding_for=layout.sharding_for, seed=0, progress=False)
-    graphdef, state = nnx.split(layout.attach(LlamaForCausalLM(cfg, params)))
+    if attention == "pallas":
+        from pallas_kernels import paged_attention
+
+        attention_fn = functools.partial(paged_attention, interpret=True, max_query_len=max_query_len)
+    else:
+        from model_zoo.attention import paged_attention_xla as attention_fn
+    model = LlamaForCausalLM(cfg, params, attention_fn=attention_fn)
+    graphdef, state = nnx.split(layout.attach(model))
     kv = init_kv_cache(cfg, 16, 8, jnp.float32, sharding=layout.kv_cache_sharding())
 
     def f(state, kv, tokens, md, idx):
@@ -206,12 +240,38 @@ def _collectives(tp, pp, rules=None):
 
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=layout.replicated())  # noqa: E731
     md = AttentionMetadata(i32(16), i32(16), i32(16), i32(4, 4), i32(4), i32(5))
-    hlo = jax.jit(f).lower(state, kv, i32(16), md, i32(4)).compile().as_text()
+    args = (state, kv, i32(16), md, i32(4))
+    return jax.make_jaxpr(f)(*args), jax.jit(f).lower(*args).compile().as_text()
+
+
+def _count_collectives(hlo: str) -> dict:
     # The layer scan is one while loop: its body's collectives are the per-layer ones.
-    counts = {}
-    for op in ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all"):
-        counts[op] = len(re.findall(rf"= \S+ {op}(?:-start)?\(", hlo))
-    return counts
+    return {op: len(re.findall(rf"= \S+ {op}(?:-start)?\(", hlo))
+            for op in ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")}
+
+
+def _collectives(tp, pp, rules=None, **kw):
+    return _count_collectives(_traced_step(tp, pp, rules, **kw)[1])
+
+
+def _pallas_calls(jaxpr, manual=frozenset(), shard_outputs=None):
+    """Every pallas_call in a jaxpr: (mesh axes manual around it, the per-device output shapes of
+    the innermost enclosing shard_map body, the kernel's operand shapes)."""
+    from jax.extend import core as jcore
+
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append((manual, shard_outputs, [v.aval.shape for v in eqn.invars]))
+        is_shard_map = eqn.primitive.name == "shard_map"
+        inner_manual = manual | eqn.params["newly_manual_axes"] if is_shard_map else manual
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+                if isinstance(sub, jcore.Jaxpr):
+                    outputs = [v.aval.shape for v in sub.outvars] if is_shard_map else shard_outputs
+                    found += _pallas_calls(sub, inner_manual, outputs)
+    return found
 
 
 def test_tensor_parallel_layer_has_two_all_reduces_and_nothing_else():
@@ -223,6 +283,29 @@ def test_tensor_parallel_layer_has_two_all_reduces_and_nothing_else():
     assert _collectives(1, 2) == {"all-reduce": 1, "all-gather": 0, "reduce-scatter": 0,
                                   "collective-permute": 1, "all-to-all": 0}
     assert _collectives(2, 2)["all-reduce"] == 4
+
+
+@pytest.mark.parametrize("tp,pp,kv_heads,max_query_len", [
+    (2, 1, 4, None), (2, 1, 4, 1), (4, 1, 2, 1), (2, 2, 4, None)])
+def test_pallas_attention_runs_on_each_devices_own_heads(tp, pp, kv_heads, max_query_len):
+    """Under a TP mesh every Pallas kernel (prefill and decode) sits inside a shard_map that is
+    manual over tp, sees Hq/tp query heads and only its KV heads (Hkv/tp, or with the cache
+    replicated at TP 4 over 2 KV heads, the one its queries use), and the step has the same
+    collectives as with XLA attention: no all-gather of q or the cache around the opaque kernel."""
+    jaxpr, hlo = _traced_step(tp, pp, attention="pallas", num_kv_heads=kv_heads, head_dim=16,
+                              max_query_len=max_query_len)
+    calls = _pallas_calls(jaxpr.jaxpr)
+    assert len(calls) == 1                                   # in the (stage's) layer scan
+    for manual, shard_outputs, operands in calls:
+        assert "tp" in manual
+        (out,) = shard_outputs                                  # [T (a micro-batch), Hq/tp, D]
+        assert out[1:] == (8 // tp, 16)
+        caches = [s for s in operands if len(s) == 5]
+        assert len(caches) == 2
+        assert {c[1] for c in caches} == {kv_heads // tp if kv_heads % tp == 0 else 1}
+    xla = _collectives(tp, pp, num_kv_heads=kv_heads, head_dim=16)
+    assert _count_collectives(hlo) == xla
+    assert xla["all-gather"] == 0
 
 
 @pytest.mark.parametrize("unroll,attention", [(False, "xla"), (True, "xla"), (False, "pallas")])
