@@ -167,8 +167,12 @@ def _flat(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _get(data: dict, path: tuple):
+    """The value at a key path; an int step indexes a list (e.g. ("runs", 0, "idle_fraction"))."""
     for k in path:
-        if not isinstance(data, dict) or k not in data:
+        if isinstance(k, int) and isinstance(data, list):
+            if not -len(data) <= k < len(data):
+                return None
+        elif not isinstance(data, dict) or k not in data:
             return None
         data = data[k]
     return data
@@ -193,6 +197,10 @@ _RANDOM_RPS = ("llama-3.1-8b", "random_1024_128", "requests_per_s")
 _RPS, _SERVED_RPS = ("results", "requests_per_second"), ("results", "request_throughput")
 # Files of benchmarks/gpu_bench_suite.py (<date>-h100-8b-<what>.json).
 _SUITE = "*-h100-8b-"
+# Files of benchmarks/gpu_profile.py: steady decode steps timed without the profiler, then profiled.
+# 1-packed: batch 1 and 64 plus a 2k-token prefill; 2-B-mindec2: batch 1 with the 2-row decode
+# executables (ModelRunner.min_decode_tokens = 2, the default since).
+_PROFILE = "*-h100-decode-profile-"
 
 
 def _served_over(figure: str, target: str, served: str, base: str) -> Target:
@@ -203,6 +211,14 @@ def _served_over(figure: str, target: str, served: str, base: str) -> Target:
 _TARGETS = [
     Target("batch-1 ITL, Llama-3.1-8B bf16, context <= 1k, H100", "<= 5.8 ms (vLLM 6.44 ms; roofline ~5.0)",
            _H100, _ITL, "ms"),
+    Target("batch-1 decode step, 8B bf16, context 512, H100 (gpu_profile, unprofiled median)", "<= 5.8 ms",
+           _PROFILE + "2-B-mindec2.json", ("runs", 0, "step_ms_unprofiled_median"), "ms"),
+    Target("prefill of a 2k-token prompt: model TFLOP/s / dense bf16 matmul TFLOP/s, same run, H100", ">= 0.5",
+           _PROFILE + "1-packed.json", ("prefill", "mfu_vs_matmul"), "x"),
+    Target("GPU idle share of a decode step at batch 64, context 512 (profile), H100", "<= 0.1",
+           _PROFILE + "1-packed.json", ("runs", 1, "idle_fraction"), ""),
+    Target("start-up, 8B, 8 executables, with the compilation cache, H100 (gpu_profile)", "<= 60 s",
+           _PROFILE + "1-packed-t1-cached.json", ("startup_s",), "s"),
     Target("offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100", ">= 40 req/s (vLLM v0.6 ~36.5)",
            _SUITE + "sharegpt-offline.json", _RPS, "req/s"),
     Target("offline throughput, random 1024-in/128-out, 8B bf16, H100", "record (H200 >= 1.25x H100)",
