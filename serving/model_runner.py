@@ -32,22 +32,18 @@ logger = logging.getLogger("jaxllm")
 @dataclasses.dataclass
 class _ReqState:
     req_id: str
-    token_ids: list[int]          # prompt + outputs so far
-    num_prompt_tokens: int
-    page_ids: list[int]
+    slot: int                     # row of the persistent sampler state and of the runner's host arrays
     params: object                # SamplingParams
-    slot: int                     # row of the persistent sampler state
-    num_computed_tokens: int
-    consts: object                # sampler.RowConstants, computed once
 
 
 @dataclasses.dataclass(frozen=True)
 class _InFlight:
     """A dispatched step whose outputs are still on (or on their way from) the device."""
-    order: tuple
-    reqs: list
-    counts: np.ndarray
-    sample_rows: list
+    order: tuple                # req ids, in plan order
+    reqs: list                  # their _ReqStates
+    slots: np.ndarray           # [num] their slots
+    counts: np.ndarray          # [num] tokens scheduled this step
+    samples: np.ndarray         # [num] bool: the request samples a token this step
     out: object                 # device SamplerOutput
     prompt_lp: object           # (device arrays, targets, rows) or None
     stats: object               # StepStats (seconds filled in at collect)
@@ -96,6 +92,7 @@ class ModelRunner:
         self._base_key = jax.random.PRNGKey(seed)
         self._step_count = 0
         self.last_step: StepStats | None = None
+        self._init_host_state()
 
     # ------------------------------------------------------------------ compile
     def _step_fn(self, state, kv_cache, sampler_state, tokens, md, logits_indices, sampling_md, step_idx, *,
@@ -181,30 +178,79 @@ class ModelRunner:
         return len(self._executables)
 
     # ------------------------------------------------------------------ state updates
-    def _apply_plan_deltas(self, plan: StepPlan):
+    def _init_host_state(self) -> None:
+        """Per-slot host arrays (vLLM's InputBatch): a request's tokens, counters and block table
+        live in row ``slot``, updated from the plans' deltas, so building a step's inputs is a few
+        vectorised gathers instead of Python work per request and per token."""
+        n = self.max_num_seqs
+        max_pages = max(-(-self.max_model_len // self.page_size), self.ladder.page_buckets[-1])
+        # Prompt + outputs. One column past max_model_len: the token sampled after a prompt that
+        # fills max_model_len is still written (the scheduler then finishes the request).
+        self._token_ids = np.zeros((n, self.max_model_len + 1), np.int32)
+        self._num_tokens = np.zeros(n, np.int64)
+        self._num_prompt = np.zeros(n, np.int64)
+        self._num_computed = np.zeros(n, np.int64)
+        self._block_table = np.zeros((n, max_pages), np.int32)    # 0 (the null page) past a request's pages
+        self._num_pages = np.zeros(n, np.int64)
+        self._row_consts = np.zeros((n, smp.NUM_ROW_CONSTANTS), np.float64)   # sampler.row_constants
+        # Running requests that asked for logprobs / prompt logprobs: 0 skips those loops.
+        self._num_logprob_reqs = 0
+        self._num_prompt_logprob_reqs = 0
+
+    def _add_pages(self, slot: int, page_ids) -> None:
+        k = int(self._num_pages[slot])
+        self._block_table[slot, k:k + len(page_ids)] = page_ids
+        self._num_pages[slot] = k + len(page_ids)
+
+    def _release(self, st: _ReqState) -> None:
+        slot = st.slot
+        self._block_table[slot, :self._num_pages[slot]] = 0
+        self._num_pages[slot] = 0
+        self._num_logprob_reqs -= st.params.logprobs is not None
+        self._num_prompt_logprob_reqs -= st.params.prompt_logprobs is not None
+        self._free_slots.append(slot)
+
+    def _apply_plan_deltas(self, plan: StepPlan) -> list[_ReqState]:
+        """Apply the plan's deltas; returns the step's requests in plan order (new ones first)."""
         for req_id in plan.finished_req_ids:
             st = self._reqs.pop(req_id, None)
             if st is not None:
-                self._free_slots.append(st.slot)
-        new_rows = []
+                self._release(st)
+        reqs, new_rows = [], []
         for new in plan.new_requests:
             if not self._free_slots:
                 raise RuntimeError("more running requests than max_num_seqs sampler slots")
             slot = self._free_slots.pop()
-            st = _ReqState(new.req_id, list(new.prompt_token_ids) + list(new.output_token_ids),
-                           len(new.prompt_token_ids), list(new.page_ids), new.sampling_params, slot,
-                           new.num_computed_tokens, smp.row_constants(new.sampling_params))
+            params = new.sampling_params
+            st = _ReqState(new.req_id, slot, params)
             self._reqs[new.req_id] = st
-            if smp.slot_rows_needed(new.sampling_params):
+            reqs.append(st)
+            num_prompt = len(new.prompt_token_ids)
+            num_tokens = num_prompt + len(new.output_token_ids)
+            self._token_ids[slot, :num_prompt] = new.prompt_token_ids
+            self._token_ids[slot, num_prompt:num_tokens] = new.output_token_ids
+            self._num_tokens[slot], self._num_prompt[slot] = num_tokens, num_prompt
+            self._num_computed[slot] = new.num_computed_tokens
+            self._add_pages(slot, new.page_ids)
+            self._row_consts[slot] = smp.row_constants(params)
+            self._num_logprob_reqs += params.logprobs is not None
+            self._num_prompt_logprob_reqs += params.prompt_logprobs is not None
+            if smp.slot_rows_needed(params):
                 new_rows.append((slot, smp.build_slot_rows(
-                    new.sampling_params, new.prompt_token_ids, new.output_token_ids, self.vocab_size,
+                    params, new.prompt_token_ids, new.output_token_ids, self.vocab_size,
                     eos_token_ids=self.eos_token_ids)))
-        for cached in plan.cached_requests:
-            st = self._reqs[cached.req_id]
-            st.page_ids.extend(cached.new_page_ids)
-            st.num_computed_tokens = cached.num_computed_tokens
+        cached = plan.cached_requests
+        for c in cached:
+            st = self._reqs[c.req_id]
+            reqs.append(st)
+            if c.new_page_ids:
+                self._add_pages(st.slot, c.new_page_ids)
+        if cached:
+            self._num_computed[[st.slot for st in reqs[len(plan.new_requests):]]] = \
+                [c.num_computed_tokens for c in cached]
         if new_rows:
             self._write_slot_rows(new_rows)
+        return reqs
 
     _SLOT_ROWS_PER_CALL = 8
 
@@ -233,87 +279,92 @@ class ModelRunner:
 
     def dispatch(self, plan: StepPlan) -> "_InFlight":
         """Build the step's inputs and launch it; returns at once (JAX dispatch is asynchronous)."""
-        self._apply_plan_deltas(plan)
-        order = [n.req_id for n in plan.new_requests] + [c.req_id for c in plan.cached_requests]
-        if not order:
-            return _InFlight((), [], np.zeros(0, np.int64), [], None, {}, None, 0.0)
+        reqs = self._apply_plan_deltas(plan)
+        if not reqs:
+            empty = np.zeros(0, np.int64)
+            return _InFlight((), [], empty, empty, empty.astype(bool), None, None, None, 0.0)
         start = time.perf_counter()
-        reqs = [self._reqs[r] for r in order]
-        counts = np.array([plan.num_scheduled_tokens[r] for r in order], dtype=np.int64)
+        num = len(reqs)
+        order = tuple(st.req_id for st in reqs)
+        slots = np.array([st.slot for st in reqs], np.int64)
+        counts = np.array([plan.num_scheduled_tokens[r] for r in order], np.int64)
         total = int(counts.sum())
-        max_pages = max(len(st.page_ids) for st in reqs)
-        t_pad, s_pad, p_pad = self.ladder.select(total, len(reqs), max_pages)
-        decode_only = self.decode_buckets and total == len(reqs)
+        computed = self._num_computed[slots]          # tokens in the cache before this step
+        num_tokens = self._num_tokens[slots]
+        t_pad, s_pad, p_pad = self.ladder.select(total, num, int(self._num_pages[slots].max()))
+        decode_only = self.decode_buckets and total == num
         if decode_only:
             t_pad = s_pad
 
+        ends = np.cumsum(counts)
+        # Token j of the step belongs to sequence seq[j] and sits at position pos[j].
+        if total == num:                               # one token each (decode)
+            seq, pos = np.arange(num), computed
+        else:
+            seq = np.repeat(np.arange(num), counts)
+            pos = np.arange(total) + np.repeat(computed - (ends - counts), counts)
         tokens = np.zeros(t_pad, np.int32)
+        tokens[:total] = self._token_ids[slots[seq], pos]
         positions = np.zeros(t_pad, np.int32)
+        positions[:total] = pos
         seq_ids = np.zeros(t_pad, np.int32)
+        seq_ids[:total] = seq
         block_tables = np.zeros((s_pad, p_pad), np.int32)
+        block_tables[:num] = self._block_table[slots, :p_pad]
         seq_lens = np.zeros(s_pad, np.int32)
+        seq_lens[:num] = computed + counts
         qsl = np.full(s_pad + 1, total, np.int32)
         qsl[0] = 0
-        qsl[1:len(reqs) + 1] = np.cumsum(counts)
+        qsl[1:num + 1] = ends
         logits_indices = np.zeros(s_pad, np.int32)
-        sample_rows = []
-        off = 0
-        for i, (st, n) in enumerate(zip(reqs, counts)):
-            n = int(n)
-            start_pos = st.num_computed_tokens
-            tokens[off:off + n] = st.token_ids[start_pos:start_pos + n]
-            positions[off:off + n] = np.arange(start_pos, start_pos + n)
-            seq_ids[off:off + n] = i
-            block_tables[i, :len(st.page_ids)] = st.page_ids
-            seq_lens[i] = start_pos + n
-            logits_indices[i] = off + n - 1
-            # A request samples when this step reaches the end of its known tokens.
-            samples = start_pos + n >= len(st.token_ids)
-            sample_rows.append(smp.RowInfo(slot=st.slot, output_index=len(st.token_ids) - st.num_prompt_tokens,
-                                           sample=samples, consts=st.consts))
-            off += n
+        logits_indices[:num] = ends - 1
+        # A request samples when this step reaches the end of its known tokens.
+        samples = computed + counts >= num_tokens
         page_of = block_tables[seq_ids, positions // self.page_size]
         slot_mapping = page_of * self.page_size + positions % self.page_size
         # Padding tokens get an out-of-range slot: their K/V writes are dropped (see write_kv).
         slot_mapping[total:] = self.num_pages * self.page_size
         md = AttentionMetadata(positions=positions, token_seq_ids=seq_ids, slot_mapping=slot_mapping.astype(np.int32),
                                block_tables=block_tables, seq_lens=seq_lens, query_start_loc=qsl)
-        sampling_md = smp.build_sampling_metadata(sample_rows, s_pad)
+        sampling_md = smp.sampling_metadata_from_columns(
+            slots, num_tokens - self._num_prompt[slots], samples, self._row_consts[slots], s_pad)
         step_idx = np.uint32(self._step_count)
         self._step_count += 1
 
         exe = self._executables[(t_pad, s_pad, p_pad, decode_only)]
         out, self.kv_cache, self.sampler_state, hidden = exe(
             self.state, self.kv_cache, self.sampler_state, tokens, md, logits_indices, sampling_md, step_idx)
-        prompt_lp = self._launch_prompt_logprobs(reqs, counts, hidden, t_pad)
-        stats = StepStats(total, t_pad, len(reqs), (t_pad, s_pad, p_pad), 0.0)
-        return _InFlight(tuple(order), reqs, counts, sample_rows, out, prompt_lp, stats, start)
+        prompt_lp = self._launch_prompt_logprobs(reqs, slots, counts, computed, hidden, t_pad)
+        stats = StepStats(total, t_pad, num, (t_pad, s_pad, p_pad), 0.0)
+        return _InFlight(order, reqs, slots, counts, samples, out, prompt_lp, stats, start)
 
     def collect(self, flight: "_InFlight") -> RunnerOutput:
         """Wait for a dispatched step and turn its outputs into a RunnerOutput."""
         if not flight.order:
             return RunnerOutput((), {}, {}, {})
-        reqs, counts, sample_rows = flight.reqs, flight.counts, flight.sample_rows
+        reqs, slots, counts, samples = flight.reqs, flight.slots, flight.counts, flight.samples
         # The step's only device -> host copies: sampled tokens (+ logprobs), prompt logprobs if asked.
         out, prompt_lp_arrays = jax.device_get((flight.out, flight.prompt_lp[0] if flight.prompt_lp else None))
         prompt_logprobs = self._prompt_logprobs_entries(reqs, flight.prompt_lp, prompt_lp_arrays)
 
-        sampled: dict[str, tuple[int, ...]] = {}
+        self._num_computed[slots] += counts
+        token_ids = np.asarray(out.token_ids)[:len(reqs)]
+        sampling_slots = slots[samples]
+        ends = self._num_tokens[sampling_slots]
+        self._token_ids[sampling_slots, ends] = token_ids[samples]
+        self._num_tokens[sampling_slots] = ends + 1
+        toks, flags = token_ids.tolist(), samples.tolist()
+        sampled: dict[str, tuple[int, ...]] = {
+            rid: (tok,) if flag else () for rid, tok, flag in zip(flight.order, toks, flags)}
         logprobs: dict[str, tuple[Logprobs, ...]] = {}
-        for i, (st, row) in enumerate(zip(reqs, sample_rows)):
-            st.num_computed_tokens += int(counts[i])
-            if not row.sample:
-                sampled[st.req_id] = ()
-                continue
-            tok = int(out.token_ids[i])
-            st.token_ids.append(tok)
-            sampled[st.req_id] = (tok,)
-            k = st.params.logprobs
-            if k is not None:
-                logprobs[st.req_id] = (Logprobs(
-                    token_id=tok, logprob=float(out.logprobs[i]), rank=int(out.ranks[i]),
-                    top_ids=tuple(int(x) for x in out.top_ids[i, :k]),
-                    top_logprobs=tuple(float(x) for x in out.top_logprobs[i, :k])),)
+        if self._num_logprob_reqs:
+            for i, st in enumerate(reqs):
+                k = st.params.logprobs
+                if k is not None and flags[i]:
+                    logprobs[st.req_id] = (Logprobs(
+                        token_id=toks[i], logprob=float(out.logprobs[i]), rank=int(out.ranks[i]),
+                        top_ids=tuple(out.top_ids[i, :k].tolist()),
+                        top_logprobs=tuple(out.top_logprobs[i, :k].astype(float).tolist())),)
         self.last_step = dataclasses.replace(flight.stats, seconds=time.perf_counter() - flight.start)
         return RunnerOutput(flight.order, sampled, logprobs, prompt_logprobs)
 
@@ -325,31 +376,31 @@ class ModelRunner:
         """The model's activation dtype (its embedding's)."""
         return self._hidden_dtype()
 
-    def _launch_prompt_logprobs(self, reqs, counts, hidden, t_pad):
+    def _launch_prompt_logprobs(self, reqs, slots, counts, computed, hidden, t_pad):
         """Prompt logprobs for the prompt positions computed this step (vLLM's convention).
 
         A chunk computing positions [a, a+n) reports None for position 0 (nothing predicts it) and,
         for each prompt position j in [a+1, a+n], the logprob of token j from the logits at j-1 —
         the chunk's last row predicts the first token of the next chunk, known from the prompt.
-        Called before the step's counters advance: num_computed_tokens is still a.
+        ``computed``: the step's num_computed_tokens before it runs (a, per request).
         Returns (device arrays, targets, {row: (offset, count, a)}) or None when nobody asked.
         """
-        wanted = {i for i, st in enumerate(reqs) if st.params.prompt_logprobs is not None
-                  and st.num_computed_tokens < st.num_prompt_tokens}
+        if not self._num_prompt_logprob_reqs:
+            return None
+        num_prompt = self._num_prompt[slots]
+        wanted = [i for i, st in enumerate(reqs) if st.params.prompt_logprobs is not None
+                  and computed[i] < num_prompt[i]]
         if not wanted:
             return None
         targets = np.zeros(t_pad, np.int32)
         rows: dict[int, tuple[int, int, int]] = {}
-        off = 0
-        for i, (st, n) in enumerate(zip(reqs, counts)):
-            n = int(n)
-            if i in wanted:
-                a = st.num_computed_tokens
-                last = min(a + n, st.num_prompt_tokens - 1)       # last target position
-                k = max(last - a, 0)                              # rows off .. off+k-1 predict a+1 .. last
-                targets[off:off + k] = st.token_ids[a + 1:a + 1 + k]
-                rows[i] = (off, k, a)
-            off += n
+        offsets = np.cumsum(counts) - counts
+        for i in wanted:
+            off, a, n = int(offsets[i]), int(computed[i]), int(counts[i])
+            last = min(a + n, int(num_prompt[i]) - 1)     # last target position
+            k = max(last - a, 0)                          # rows off .. off+k-1 predict a+1 .. last
+            targets[off:off + k] = self._token_ids[slots[i], a + 1:a + 1 + k]
+            rows[i] = (off, k, a)
         return self._prompt_lp_exes[t_pad](self.state, hidden, targets), targets, rows
 
     @staticmethod

@@ -201,12 +201,29 @@ _PAD_ROW = (0, 0, 0) + tuple(RowConstants(0.0, 1.0, 0, 0.0, 0.0, 0.0, 1.0, 0, 0,
 
 
 def build_sampling_metadata(rows: Sequence[RowInfo], num_rows_padded: int) -> SamplingMetadata:
-    """Numpy ``SamplingMetadata`` for ``rows`` padded to ``num_rows_padded`` (vectorised: runs every step)."""
+    """Numpy ``SamplingMetadata`` for ``rows`` padded to ``num_rows_padded``."""
     if len(rows) > num_rows_padded:
         raise ValueError(f"{len(rows)} rows do not fit in a bucket of {num_rows_padded}")
+    consts = np.array([tuple(r.consts) for r in rows], np.float64).reshape(len(rows), NUM_ROW_CONSTANTS)
+    return sampling_metadata_from_columns([r.slot for r in rows], [r.output_index for r in rows],
+                                          [r.sample for r in rows], consts, num_rows_padded)
+
+
+# Columns of a metadata row: slot, output_index, sample, then the RowConstants fields.
+NUM_ROW_CONSTANTS = len(RowConstants._fields)
+
+
+def sampling_metadata_from_columns(slots, output_index, sample, consts: np.ndarray,
+                                   num_rows_padded: int) -> SamplingMetadata:
+    """``build_sampling_metadata`` from per-row columns ([n] each; ``consts`` [n, NUM_ROW_CONSTANTS],
+    rows of ``tuple(row_constants(params))``), with no Python work per row: runs every step."""
+    n = len(slots)
+    if n > num_rows_padded:
+        raise ValueError(f"{n} rows do not fit in a bucket of {num_rows_padded}")
     # One float64 table, one column per field: float64 holds every int32/uint32 value exactly.
-    table = np.array([(r.slot, r.output_index, r.sample) + tuple(r.consts) for r in rows] +
-                     [_PAD_ROW] * (num_rows_padded - len(rows)), np.float64).reshape(num_rows_padded, len(_PAD_ROW))
+    table = np.empty((num_rows_padded, len(_PAD_ROW)), np.float64)
+    table[:n, 0], table[:n, 1], table[:n, 2], table[:n, 3:] = slots, output_index, sample, consts
+    table[n:] = _PAD_ROW
     (slot, output_index, sample, temperature, top_p, top_k, min_p, presence, frequency, repetition,
      seed_lo, seed_hi, has_seed, min_tokens, has_bias, wants_logprobs) = table.T
     f32 = lambda x: x.astype(np.float32)  # noqa: E731
