@@ -103,6 +103,9 @@ class KVCacheManager:
         req_pages = self._req_pages.get(request.req_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_pages) * self.page_size
         total = num_computed + num_new_tokens
+        if not new_computed_pages and total <= len(req_pages) * self.page_size and (
+                not self.enable_prefix_caching or total // self.page_size <= self._num_hashed_pages[request.req_id]):
+            return []    # most decode steps: the tokens fit the pages held and fill no page to hash
         num_needed = max(0, cdiv(total, self.page_size) - len(req_pages) - len(new_computed_pages))
         # Hits sitting in the free queue (refcount 0) leave it when taken, so they count as used.
         num_free_hits = sum(1 for p in new_computed_pages if self.pool.ref_count(p) == 0)

@@ -86,6 +86,12 @@ class Request:
         self.num_prompt_logprobs_since_start = 0
         # Tie-breaker for equal (priority, arrival_time); assigned by the scheduler.
         self.seq_no = 0
+        # Stop rules in the form the per-token check wants, set by the scheduler on arrival:
+        # the output length that ends the request (max_tokens or max_model_len, whichever comes
+        # first), and the ids that may stop it once min_tokens are out (EOS unless ignore_eos,
+        # and stop_token_ids).
+        self.max_output_tokens: Optional[int] = None
+        self.stop_ids: frozenset[int] = frozenset()
 
     # --- derived quantities -------------------------------------------------------------------
     @property
@@ -137,9 +143,13 @@ class Request:
                 f"output={self.num_output_tokens}, computed={self.num_computed_tokens})")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EngineCoreOutput:
-    """What one step produced for one request (a delta, vLLM v1's EngineCoreOutput)."""
+    """What one step produced for one request (a delta, vLLM v1's EngineCoreOutput).
+
+    Treated as immutable, but not frozen: one is built per running request per step, and a frozen
+    dataclass's __init__ costs ~4x as much (vLLM's is a mutable msgspec struct for the same reason).
+    """
     req_id: str
     new_token_ids: tuple[int, ...] = ()
     new_logprobs: tuple[Logprobs, ...] = ()

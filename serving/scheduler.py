@@ -183,6 +183,11 @@ class Scheduler:
         if request.status != RequestStatus.WAITING or request.output_token_ids or request.num_computed_tokens:
             raise ValueError(f"request {request.req_id!r} was already scheduled once; create a new Request")
         request.seq_no = next(self._seq_nos)
+        params = request.sampling_params
+        room = self.max_model_len - request.num_prompt_tokens
+        request.max_output_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        request.stop_ids = frozenset(params.stop_token_ids or ()).union(
+            () if params.ignore_eos else request.eos_token_ids)
         self.requests[request.req_id] = request
         self.waiting.add(request)
 
@@ -283,14 +288,21 @@ class Scheduler:
 
         # 1. Running requests.
         i = 0
+        long_prefill = self.long_prefill_token_threshold
+        allocate_slots = self.kv.allocate_slots
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = self._cap_new_tokens(request.num_tokens - request.num_computed_tokens, budget)
+            # _cap_new_tokens, inlined: this loop runs for every running request every step.
+            num_new = len(request.prompt_token_ids) + len(request.output_token_ids) - request.num_computed_tokens
+            if 0 < long_prefill < num_new:
+                num_new = long_prefill
+            if num_new > budget:
+                num_new = budget
             if num_new <= 0:
                 i += 1
                 continue
             while True:
-                pages = self.kv.allocate_slots(request, num_new)
+                pages = allocate_slots(request, num_new)
                 if pages is not None:
                     break
                 # The newest (fcfs) / lowest-priority (priority, running is sorted) request yields.
@@ -356,18 +368,17 @@ class Scheduler:
                                output_token_ids=tuple(r.output_token_ids))
                 for r in scheduled_new),
             cached_requests=tuple(
-                CachedRequestData(req_id=r.req_id, new_page_ids=tuple(new_pages[r.req_id]),
-                                  num_computed_tokens=r.num_computed_tokens)
+                CachedRequestData(r.req_id, tuple(new_pages[r.req_id]), r.num_computed_tokens)
                 for r in scheduled_running),
-            num_scheduled_tokens=dict(num_scheduled),
+            num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             finished_req_ids=frozenset(self._finished_req_ids | preempted_ids),
         )
         self._finished_req_ids.clear()
         # Like vLLM, count the scheduled tokens as computed now: the KV is written by the time the
         # next plan runs, and the plan above already carries the pre-step values.
-        for req_id, n in num_scheduled.items():
-            self.requests[req_id].num_computed_tokens += n
+        for request in itertools.chain(scheduled_running, scheduled_new):
+            request.num_computed_tokens += num_scheduled[request.req_id]
         return plan
 
     def _waiting_preemption_victim(self, request: Request, num_scheduled: dict[str, int],
@@ -399,52 +410,61 @@ class Scheduler:
         """
         outputs = []
         finished: set[str] = set()
+        requests, running = self.requests, RequestStatus.RUNNING
+        all_sampled, all_logprobs, all_prompt_logprobs = \
+            result.sampled_token_ids, result.logprobs, result.prompt_logprobs
+        # This loop runs for every scheduled request every step: the common case (one token, no
+        # logprobs, no stop) takes no more than a few dict lookups and one output.
         for req_id in plan.num_scheduled_tokens:
-            request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            request = requests.get(req_id)
+            if request is None or request.status is not running:
                 continue
-            sampled = result.sampled_token_ids.get(req_id, ())
-            if sampled and request.num_computed_tokens < request.num_tokens:
-                raise RuntimeError(
-                    f"runner sampled tokens for {req_id!r} whose prefill is not complete "
-                    f"({request.num_computed_tokens} of {request.num_tokens} tokens computed)")
-            new_token_ids = []
-            for token_id in sampled:
-                request.output_token_ids.append(int(token_id))
-                new_token_ids.append(int(token_id))
-                if self._check_stop(request):
-                    break
-            new_logprobs = tuple(result.logprobs.get(req_id, ()))[:len(new_token_ids)]
-            new_prompt_logprobs = self._new_prompt_logprobs(request, result.prompt_logprobs.get(req_id, ()))
-            if request.is_finished:
+            sampled = all_sampled.get(req_id, ())
+            new_token_ids: tuple[int, ...] = ()
+            if sampled:
+                output_token_ids = request.output_token_ids
+                if request.num_computed_tokens < len(request.prompt_token_ids) + len(output_token_ids):
+                    raise RuntimeError(
+                        f"runner sampled tokens for {req_id!r} whose prefill is not complete "
+                        f"({request.num_computed_tokens} of {request.num_tokens} tokens computed)")
+                for n, token_id in enumerate(sampled, 1):
+                    output_token_ids.append(int(token_id))
+                    if self._check_stop(request):
+                        break
+                new_token_ids = tuple(output_token_ids[-n:])
+            new_logprobs = tuple(all_logprobs[req_id])[:len(new_token_ids)] if req_id in all_logprobs else ()
+            new_prompt_logprobs = self._new_prompt_logprobs(request, all_prompt_logprobs[req_id]) \
+                if req_id in all_prompt_logprobs else ()
+            status = request.status
+            if status is not running:
                 finished.add(req_id)
                 self._free_request(request)
-            if new_token_ids or new_logprobs or new_prompt_logprobs or request.is_finished:
-                outputs.append(self._make_output(request, tuple(new_token_ids), new_logprobs, new_prompt_logprobs,
-                                                 request.finish_reason))
+                outputs.append(EngineCoreOutput(req_id, new_token_ids, new_logprobs, new_prompt_logprobs,
+                                                status.finish_reason, request.stop_reason,
+                                                request.num_cached_tokens or 0))
+            elif new_token_ids or new_logprobs or new_prompt_logprobs:
+                outputs.append(EngineCoreOutput(req_id, new_token_ids, new_logprobs, new_prompt_logprobs,
+                                                None, None, request.num_cached_tokens or 0))
         if finished:
             self.running = [r for r in self.running if r.req_id not in finished]
         return outputs
 
-    def _check_stop(self, request: Request) -> bool:
-        """vLLM's check_stop: length limits first, then (once min_tokens is reached) EOS and stop ids."""
-        params = request.sampling_params
-        max_tokens = params.max_tokens
-        if request.num_tokens >= self.max_model_len or (
-                max_tokens is not None and request.num_output_tokens >= max_tokens):
+    @staticmethod
+    def _check_stop(request: Request) -> bool:
+        """vLLM's check_stop: length limits (max_tokens, max_model_len) first, then (once min_tokens
+        is reached) EOS and stop ids. Runs for every sampled token: the rules were put in their
+        cheapest form at add_request (Request.max_output_tokens, Request.stop_ids)."""
+        output = request.output_token_ids
+        if len(output) >= request.max_output_tokens:
             request.status = RequestStatus.FINISHED_LENGTH
             return True
-        if request.num_output_tokens < (params.min_tokens or 0):
+        last = output[-1]
+        if last not in request.stop_ids or len(output) < (request.sampling_params.min_tokens or 0):
             return False
-        last = request.output_token_ids[-1]
-        if not params.ignore_eos and last in request.eos_token_ids:
-            request.status = RequestStatus.FINISHED_STOPPED
-            return True
-        if last in (params.stop_token_ids or ()):
-            request.status = RequestStatus.FINISHED_STOPPED
-            request.stop_reason = last
-            return True
-        return False
+        request.status = RequestStatus.FINISHED_STOPPED
+        if request.sampling_params.ignore_eos or last not in request.eos_token_ids:
+            request.stop_reason = last        # a stop_token_id; EOS leaves it None
+        return True
 
     @staticmethod
     def _new_prompt_logprobs(request: Request, entries) -> tuple:
