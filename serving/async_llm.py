@@ -1,9 +1,11 @@
 """The asyncio face of the engine, for the HTTP layer.
 
 A dedicated thread runs ``engine.step()`` in a loop (the device loop runs off the event loop);
-outputs are handed to each request's asyncio queue with ``call_soon_threadsafe``. ``generate`` is an
-async iterator of cumulative RequestOutputs; leaving it early (client gone, task cancelled) aborts
-the request, which frees its pages at the next step.
+each step's outputs are handed to their requests' asyncio queues in one ``call_soon_threadsafe``
+per event loop, while the device computes the next step (the consumers then run on the event loop
+during the device's step, not while the device waits for the host). ``generate`` is an async
+iterator of RequestOutputs (cumulative unless another RequestOutputKind is asked for); leaving it
+early (client gone, task cancelled) aborts the request, which frees its pages at the next step.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import gc
 import logging
 import os
 import threading
@@ -18,7 +21,7 @@ from typing import AsyncIterator, Optional
 
 from serving.config import EngineArgs
 from serving.engine import LLMEngine, PromptType, parse_prompt
-from serving.outputs import RequestOutput
+from serving.outputs import RequestOutput, RequestOutputKind
 from serving.sampling_params import SamplingParams
 
 logger = logging.getLogger("jaxllm")
@@ -54,6 +57,11 @@ def _install_fault_hook(engine: LLMEngine, fail_at_step: int) -> None:
     logger.warning("%s=%d: the engine will fail on purpose (test hook)", FAIL_AT_STEP_ENV, fail_at_step)
 
 
+def _put_all(items) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class AsyncLLM:
     """Requests reach the engine through an inbox the device thread drains before each step, so the
     event loop never waits for a step: ``generate`` validates on the caller's thread (errors raise
@@ -78,6 +86,12 @@ class AsyncLLM:
         fail_at = os.environ.get(FAIL_AT_STEP_ENV)
         if fail_at:
             _install_fault_hook(engine, int(fail_at))
+        # Everything alive now (weights' pytrees, jax, the tokenizer, executables: hundreds of
+        # thousands of objects) lives as long as the server: frozen, it is no longer walked by every
+        # full garbage collection, which then takes milliseconds instead of ~0.2 s and stalls the
+        # step loop far less (benchmarks/host_overhead.py; vLLM's engine core freezes it too).
+        gc.collect()
+        gc.freeze()
         self._thread = threading.Thread(target=self._run_loop, name="jaxllm-engine", daemon=True)
         self._thread.start()
 
@@ -104,10 +118,10 @@ class AsyncLLM:
             if kind == "abort":
                 self.engine.abort_request(request_id)
                 continue
-            text, ids, params, priority, cache_salt = payload
+            text, ids, params, priority, cache_salt, output_kind = payload
             try:
                 self.engine.add_validated_request(request_id, text, ids, params, priority=priority,
-                                                  cache_salt=cache_salt)
+                                                  cache_salt=cache_salt, output_kind=output_kind)
             except ValueError as e:   # e.g. a request id already in use
                 with self._lock:
                     self._push(request_id, e)
@@ -122,18 +136,31 @@ class AsyncLLM:
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     continue
-                outputs = self.engine.step()
-                with self._lock:
-                    for out in outputs:
-                        self._push(out.request_id, out)
-                        if out.finished:
-                            self._queues.pop(out.request_id, None)
+                self.engine.step(on_outputs=self._deliver)
         except BaseException as e:  # noqa: BLE001 - any failure kills the engine, loudly
             logger.exception("Engine loop died")
             self._fail_all(EngineDeadError(f"The engine failed: {type(e).__name__}: {e}"), e)
         else:
             # Stopped by shutdown(): anything still waiting would otherwise wait forever.
             self._fail_all(EngineDeadError("The engine was shut down."), None)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand outputs to their queues, from inside the step while the device computes (see
+        LLMEngine.step), with one call_soon_threadsafe per event loop, not per request: each call
+        is a self-pipe write, a syscall that gives the GIL up to the event loop."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for out in outputs:
+                entry = self._queues.get(out.request_id)
+                if entry is not None:
+                    batches.setdefault(entry[0], []).append((entry[1], out))
+                    if out.finished:
+                        del self._queues[out.request_id]
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:      # that event loop is closed: nobody is waiting
+                pass
 
     def _fail_all(self, err: EngineDeadError, cause: Optional[BaseException]) -> None:
         # Under the lock, so a generate() racing with this either registers its queue before (and gets
@@ -150,9 +177,13 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ API
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams, request_id: str, *,
-                       priority: int = 0, cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, cache_salt: Optional[str] = None,
+                       output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
+                       ) -> AsyncIterator[RequestOutput]:
         if self.is_dead:
             raise EngineDeadError("The engine is dead; restart the server.")
+        if not isinstance(output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {output_kind!r}")
         text, ids = parse_prompt(prompt, self.tokenizer, sampling_params, self.max_model_len)
         self.engine.validate_request(ids, sampling_params)     # reads only the engine's fixed config
         loop = asyncio.get_running_loop()
@@ -163,7 +194,8 @@ class AsyncLLM:
             if request_id in self._queues:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._queues[request_id] = (loop, q)
-            self._inbox.append(("add", request_id, (text, ids, sampling_params, priority, cache_salt)))
+            self._inbox.append(("add", request_id,
+                                (text, ids, sampling_params, priority, cache_salt, output_kind)))
         self._wakeup.set()
         finished = False
         try:

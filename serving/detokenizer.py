@@ -83,7 +83,7 @@ class IncrementalDetokenizer:
         self._max_stop_len = max((len(s) for s in stop), default=0)
         self._include_stop = include_stop_str_in_output
 
-        # Window state over self._ids = prompt tail + output ids.
+        # Window state over self._ids = the tokens from the window's start on (at first the prompt tail).
         tail = [int(t) for t in list(prompt_token_ids)[-_PROMPT_CONTEXT_TOKENS:]]
         self._ids: list[int] = tail
         self._prefix_offset = 0
@@ -166,8 +166,11 @@ class IncrementalDetokenizer:
             # Only when the prefix window itself ended mid-character (a prompt ending in a partial
             # UTF-8 sequence): the replacement char there was the prompt's, the completed one is new.
             delta = new_text[_common_prefix_len(prefix_text, new_text):]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
+        # The window moves on; tokens before it are never decoded again, so they are dropped: the
+        # list stays a few tokens long instead of holding the whole output (which every full
+        # garbage collection would walk).
+        del self._ids[:self._read_offset]
+        self._prefix_offset, self._read_offset = 0, len(self._ids)
         return delta
 
     def _flush_window(self) -> str:

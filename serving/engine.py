@@ -5,7 +5,8 @@
     outputs = scheduler.update(plan, result)
 
 around which this module does the per-request host work: n-way fan-out into child requests,
-incremental detokenizing, stop strings, logprob dicts, and cumulative RequestOutputs.
+incremental detokenizing, stop strings, logprob dicts, and RequestOutputs (cumulative, delta or
+final only: see RequestOutputKind).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 from serving.compile_counter import compile_counter
 from serving.config import EngineArgs
 from serving.detokenizer import IncrementalDetokenizer
-from serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RequestOutputKind
 from serving.plan import Logprobs
 from serving.request import Request
 from serving.sampling_params import SamplingParams
@@ -52,6 +53,9 @@ class _Child:
     index: int
     detok: Optional[IncrementalDetokenizer]
     output: CompletionOutput
+    # DELTA outputs: how much of output.text / output.token_ids earlier outputs carried.
+    sent_text: int = 0
+    sent_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -64,10 +68,15 @@ class _Parent:
     metrics: RequestMetrics
     prompt_logprobs: Optional[list] = None
     num_cached_tokens: int = 0
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    sent_prompt_logprobs: int = 0     # DELTA: prompt logprob positions earlier outputs carried
 
     @property
     def finished(self) -> bool:
-        return all(c.output.finish_reason is not None for c in self.children)
+        children = self.children
+        if len(children) == 1:
+            return children[0].output.finish_reason is not None
+        return all(c.output.finish_reason is not None for c in children)
 
 
 def parse_prompt(prompt: PromptType, tokenizer, params: SamplingParams, max_model_len: int,
@@ -112,10 +121,11 @@ class LLMEngine:
         self.model_name = model_name
         self.vocab_size = model_config.vocab_size
         self._parents: dict[str, _Parent] = {}
-        self._child_to_parent: dict[str, _Parent] = {}
+        self._children: dict[str, tuple[_Parent, _Child]] = {}     # child req_id -> its parent and itself
         self._ids = itertools.count()
         self.stats = EngineStats()
         self._pending_core: list = []       # step N's scheduler outputs, processed during step N+1
+        self._token_texts: dict[int, str] = {}     # token id -> its text (logprobs' decoded_token)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **overrides) -> "LLMEngine":
@@ -146,19 +156,23 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams, *,
                     priority: int = 0, cache_salt: Optional[str] = None,
-                    arrival_time: Optional[float] = None) -> None:
+                    arrival_time: Optional[float] = None,
+                    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
         text, ids = parse_prompt(prompt, self.tokenizer, params, self.max_model_len)
         self.validate_request(ids, params)
         self.add_validated_request(request_id, text, ids, params, priority=priority, cache_salt=cache_salt,
-                                   arrival_time=arrival_time)
+                                   arrival_time=arrival_time, output_kind=output_kind)
 
     def add_validated_request(self, request_id: str, text: Optional[str], ids: list[int], params: SamplingParams,
                               *, priority: int = 0, cache_salt: Optional[str] = None,
-                              arrival_time: Optional[float] = None) -> None:
+                              arrival_time: Optional[float] = None,
+                              output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> None:
         """``add_request`` for a prompt already parsed and passed through ``validate_request``
         (AsyncLLM does both on the caller's thread, off the device loop)."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if not isinstance(output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {output_kind!r}")
         now = time.time() if arrival_time is None else arrival_time
         n = params.n
         children = []
@@ -176,10 +190,11 @@ class LLMEngine:
                                    logprobs=[] if params.logprobs is not None else None)
             children.append((_Child(child_id, i, detok, out), child_params))
         parent = _Parent(request_id, text, ids, params, [c for c, _ in children], RequestMetrics(now),
-                         prompt_logprobs=[] if params.prompt_logprobs is not None else None)
+                         prompt_logprobs=[] if params.prompt_logprobs is not None else None,
+                         output_kind=output_kind)
         self._parents[request_id] = parent
         for child, child_params in children:
-            self._child_to_parent[child.req_id] = parent
+            self._children[child.req_id] = (parent, child)
             self.scheduler.add_request(Request(child.req_id, ids, child_params, priority=priority,
                                                cache_salt=cache_salt, eos_token_ids=self.eos_token_ids))
         self.stats.prompt_tokens += len(ids)
@@ -194,7 +209,7 @@ class LLMEngine:
             if parent is None:
                 continue
             for c in parent.children:
-                self._child_to_parent.pop(c.req_id, None)
+                self._children.pop(c.req_id, None)
                 if c.output.finish_reason is None:
                     child_ids.append(c.req_id)
         if child_ids:
@@ -205,19 +220,30 @@ class LLMEngine:
         return bool(self._parents) or self.scheduler.has_unfinished_requests()
 
     # ------------------------------------------------------------------ the step
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_outputs: Optional[Callable[[list[RequestOutput]], None]] = None) -> list[RequestOutput]:
         """One engine step. The host work on step N's outputs (detokenizing, stop strings, building
-        RequestOutputs) runs while the device computes step N+1, so outputs trail by one step."""
+        RequestOutputs) runs while the device computes step N+1, so outputs trail by one step.
+
+        ``on_outputs``: called with the outputs as soon as they are built, while the device is still
+        busy, instead of returning them. AsyncLLM hands them to the event loop there, so that its
+        consumers run (holding the GIL) while the device computes, not during the host work between
+        two device steps (collect, update, schedule, dispatch) that the device waits for."""
         plan = self.scheduler.schedule()
         flight = self.runner.dispatch(plan)
         pending, self._pending_core = self._pending_core, []
         outputs = self._process_outputs(pending) if pending else []
+        if on_outputs is not None and outputs:
+            on_outputs(outputs)
+            outputs = []
         result = self.runner.collect(flight)
         self._pending_core = self.scheduler.update(plan, result)
         self._record_step_stats(plan)
         if plan.is_empty and self._pending_core:
             outputs += self._process_outputs(self._pending_core)
             self._pending_core = []
+            if on_outputs is not None and outputs:
+                on_outputs(outputs)
+                outputs = []
         return outputs
 
     def _record_step_stats(self, plan) -> None:
@@ -242,49 +268,61 @@ class LLMEngine:
         st.compilations = compile_counter.count
         return st
 
+    def _decoded_token(self, token_id: int) -> Optional[str]:
+        """A token's own text, as logprobs show it; cached, since the same ids recur in every
+        position's top-k (None without a tokenizer)."""
+        text = self._token_texts.get(token_id)
+        if text is None and self.tokenizer is not None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
     def _logprob_dict(self, lp: Logprobs) -> dict[int, Logprob]:
-        dec = self.tokenizer.decode
-        d = {tid: Logprob(float(v), rank=r + 1, decoded_token=dec([tid], skip_special_tokens=False))
+        dec = self._decoded_token
+        d = {tid: Logprob(float(v), rank=r + 1, decoded_token=dec(tid))
              for r, (tid, v) in enumerate(zip(lp.top_ids, lp.top_logprobs))}
         if lp.token_id not in d:
-            d = {lp.token_id: Logprob(lp.logprob, rank=lp.rank,
-                                      decoded_token=dec([lp.token_id], skip_special_tokens=False)), **d}
+            d = {lp.token_id: Logprob(lp.logprob, rank=lp.rank, decoded_token=dec(lp.token_id)), **d}
         return d
 
     def _process_outputs(self, core_outputs) -> list[RequestOutput]:
         now = time.time()
         touched: dict[str, _Parent] = {}
         to_finish: list[tuple[str, str]] = []
+        children = self._children
+        stats = self.stats
         for co in core_outputs:
-            parent = self._child_to_parent.get(co.req_id)
-            if parent is None:
+            entry = children.get(co.req_id)
+            if entry is None:
                 continue   # aborted by the caller meanwhile
-            child = next(c for c in parent.children if c.req_id == co.req_id)
+            parent, child = entry
             out = child.output
             m = parent.metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
-            if co.num_cached_tokens:
-                parent.num_cached_tokens = max(parent.num_cached_tokens, co.num_cached_tokens)
+            if co.num_cached_tokens and co.num_cached_tokens > parent.num_cached_tokens:
+                parent.num_cached_tokens = co.num_cached_tokens
             if co.new_prompt_logprobs and parent.prompt_logprobs is not None and child.index == 0:
                 for lp in co.new_prompt_logprobs:
                     parent.prompt_logprobs.append(None if lp is None else self._logprob_dict(lp))
-            if co.new_token_ids:
+            new_token_ids = co.new_token_ids
+            if new_token_ids:
                 if m.first_token_time is None:
                     m.first_token_time = now
                 m.last_token_time = now
-                self.stats.generation_tokens += len(co.new_token_ids)
-                out.token_ids.extend(co.new_token_ids)
+                stats.generation_tokens += len(new_token_ids)
+                out.token_ids.extend(new_token_ids)
                 for lp in co.new_logprobs:
                     out.logprobs.append(self._logprob_dict(lp))
                     out.cumulative_logprob += lp.logprob
-            if child.detok is not None and not child.detok.finished:
-                text_ids = list(co.new_token_ids)
+            detok = child.detok
+            if detok is not None and not detok.finished:
+                text_ids = new_token_ids
                 token_stop = co.finish_reason == "stop" and not isinstance(co.stop_reason, str)
                 if token_stop and text_ids and not parent.params.include_stop_str_in_output:
                     text_ids = text_ids[:-1]      # EOS / stop_token_ids stay out of the text
-                delta = child.detok.add_tokens(text_ids, finished=co.finish_reason is not None)
-                out.text = child.detok.output_text
+                delta = detok.add_tokens(text_ids, finished=co.finish_reason is not None)
+                if delta.text_delta or delta.stop_string is not None:
+                    out.text = detok.output_text
                 if delta.stop_string is not None and out.finish_reason is None:
                     out.finish_reason, out.stop_reason = "stop", delta.stop_string
                     if co.finish_reason is None:
@@ -301,13 +339,36 @@ class LLMEngine:
                 parent.metrics.finished_time = now
                 self._parents.pop(parent.request_id, None)
                 for c in parent.children:
-                    self._child_to_parent.pop(c.req_id, None)
+                    children.pop(c.req_id, None)
+            kind = parent.output_kind
+            if kind is RequestOutputKind.FINAL_ONLY and not finished:
+                continue
+            if kind is RequestOutputKind.DELTA:
+                completions = [self._delta_completion(c) for c in parent.children]
+                prompt_logprobs = parent.prompt_logprobs
+                if prompt_logprobs is not None:
+                    sent, parent.sent_prompt_logprobs = parent.sent_prompt_logprobs, len(prompt_logprobs)
+                    prompt_logprobs = prompt_logprobs[sent:]
+            else:
+                # Copies: the engine keeps appending to its own lists, and the caller may keep this
+                # output. (FINAL_ONLY's only output could share them; one copy per request is cheap.)
+                completions = [CompletionOutput(
+                    c.index, c.output.text, list(c.output.token_ids), c.output.cumulative_logprob,
+                    None if c.output.logprobs is None else list(c.output.logprobs),
+                    c.output.finish_reason, c.output.stop_reason) for c in parent.children]
+                prompt_logprobs = parent.prompt_logprobs
             results.append(RequestOutput(
-                request_id=parent.request_id, prompt=parent.prompt,
-                prompt_token_ids=parent.prompt_token_ids,
-                outputs=[dataclasses.replace(c.output, token_ids=list(c.output.token_ids),
-                                             logprobs=None if c.output.logprobs is None else list(c.output.logprobs))
-                         for c in parent.children],
-                finished=finished, prompt_logprobs=parent.prompt_logprobs,
+                request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
+                outputs=completions, finished=finished, prompt_logprobs=prompt_logprobs,
                 num_cached_tokens=parent.num_cached_tokens, metrics=parent.metrics))
         return results
+
+    @staticmethod
+    def _delta_completion(child: _Child) -> CompletionOutput:
+        """What the child added since its previous output (RequestOutputKind.DELTA)."""
+        out = child.output
+        sent_tokens, child.sent_tokens = child.sent_tokens, len(out.token_ids)
+        sent_text, child.sent_text = child.sent_text, len(out.text)
+        return CompletionOutput(
+            child.index, out.text[sent_text:], out.token_ids[sent_tokens:], out.cumulative_logprob,
+            None if out.logprobs is None else out.logprobs[sent_tokens:], out.finish_reason, out.stop_reason)

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from serving.config import EngineArgs
 from serving.engine import LLMEngine, PromptType
-from serving.outputs import RequestOutput
+from serving.outputs import RequestOutput, RequestOutputKind
 from serving.sampling_params import SamplingParams
 
 
@@ -50,7 +50,9 @@ class LLM:
         try:
             for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
                 rid = str(next(self._ids))
-                self.engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0)
+                # Only the finished output is used: no RequestOutput is built while a request runs.
+                self.engine.add_request(rid, prompt, params, priority=priority[i] if priority else 0,
+                                        output_kind=RequestOutputKind.FINAL_ONLY)
                 ids.append(rid)
         except Exception:
             self.engine.abort_request(ids)

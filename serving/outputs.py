@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Optional
+
+
+class RequestOutputKind(enum.Enum):
+    """Which RequestOutputs a request gets (vLLM's ``RequestOutputKind``).
+
+    CUMULATIVE: after every step that touched it, everything so far (text, token ids, logprobs).
+    DELTA: after every step that touched it, only what is new since its previous output: each
+      completion's text, token_ids and logprobs, and the prompt_logprobs positions computed since
+      (an empty list when none). Nothing that came before is copied again: what a streaming
+      consumer wants. cumulative_logprob, finish_reason and the metrics stay cumulative.
+    FINAL_ONLY: one output, when the request has finished, with everything (what ``LLM.generate``
+      uses: no RequestOutput is built while the request runs).
+    """
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclasses.dataclass
@@ -42,7 +59,8 @@ class RequestMetrics:
 
 @dataclasses.dataclass
 class RequestOutput:
-    """Cumulative state of one request (all text and tokens so far), emitted after every step."""
+    """One request's state after a step: cumulative (all text and tokens so far) or, for a request
+    added with RequestOutputKind.DELTA, only what that step added (see RequestOutputKind)."""
     request_id: str
     prompt: Optional[str]
     prompt_token_ids: list[int]
