@@ -25,6 +25,7 @@ from model_zoo.attention import AttentionMetadata
 from serving import sampler as smp
 from serving.buckets import BucketLadder
 from serving.plan import Logprobs, RunnerOutput, StepPlan
+from serving.step_io import PackedLayout, pack_rows, unpack_rows
 
 logger = logging.getLogger("jaxllm")
 
@@ -87,6 +88,7 @@ class ModelRunner:
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._reqs: dict[str, _ReqState] = {}
         self._executables: dict[tuple[int, int, int], object] = {}
+        self._layouts: dict[tuple[int, int, int], PackedLayout] = {}
         self._prompt_lp_exes: dict[int, object] = {}
         self._set_rows_exe = None
         self._base_key = jax.random.PRNGKey(seed)
@@ -95,8 +97,12 @@ class ModelRunner:
         self._init_host_state()
 
     # ------------------------------------------------------------------ compile
-    def _step_fn(self, state, kv_cache, sampler_state, tokens, md, logits_indices, sampling_md, step_idx, *,
-                 max_query_len=None):
+    def _step_fn(self, state, kv_cache, sampler_state, packed, *, layout: PackedLayout, max_query_len=None,
+                 plain_sampler: bool = False):
+        """The compiled step. ``packed``: every per-step input as one int32 vector (serving.step_io);
+        returns the sampler's outputs as one int32 matrix [S, 3 + 2k] (see ``_out_spec``).
+        ``plain_sampler``: the variant for batches that ``sampler.is_plain_batch`` (no lax.cond)."""
+        tokens, md, logits_indices, sampling_md, step_idx = layout.unpack(packed)
         model = nnx.merge(self.graphdef, state)
         if max_query_len is not None:
             # Static hint for the attention kernel: a decode-only executable (one token per sequence).
@@ -104,9 +110,15 @@ class ModelRunner:
         step_key = jax.random.fold_in(self._base_key, step_idx)
         logits, kv_cache, hidden = model(tokens, kv_cache, md, logits_indices, return_hidden=True)
         out, sampler_state = smp.sample(logits, sampling_md, sampler_state, step_key,
-                                        num_logprobs=self.max_logprobs)
+                                        num_logprobs=self.max_logprobs, plain=plain_sampler)
+        out = pack_rows([out.token_ids, out.logprobs, out.ranks, out.top_ids, out.top_logprobs])
         # hidden stays on the device; only a step with prompt-logprob requests reads it.
         return out, kv_cache, sampler_state, hidden
+
+    def _out_spec(self):
+        k = self.max_logprobs
+        return ((1, np.int32, True), (1, np.float32, True), (1, np.int32, True),
+                (k, np.int32, False), (k, np.float32, False))
 
     def _prompt_logprobs_fn(self, state, hidden, targets):
         """Logprobs of each position's next prompt token: hidden [T, E], targets [T] -> per row."""
@@ -121,46 +133,66 @@ class ModelRunner:
                                block_tables=i32(s, p), seq_lens=i32(s), query_start_loc=i32(s + 1))
         sampling_md = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                    smp.build_sampling_metadata([], s))
-        return i32(t), md, i32(s), sampling_md
+        return i32(t), md, i32(s), sampling_md, jax.ShapeDtypeStruct((), jnp.uint32)
 
-    def _step_shardings(self, shape, key) -> dict:
+    def _layout(self, shape) -> PackedLayout:
+        """The packed-input layout of a bucket (tokens, seqs, pages, ...): the same for its variants."""
+        if shape[:3] not in self._layouts:
+            self._layouts[shape[:3]] = PackedLayout.of(self._abstract_inputs(*shape[:3]))
+        return self._layouts[shape[:3]]
+
+    def _step_shardings(self, layout: PackedLayout) -> dict:
         """Under a mesh: weights and KV cache keep their layout, all else is replicated, so each
         step's outputs come back in the layout the next step takes and are readable on every host."""
         if self.layout is None:
             return {}
         rep = self.layout.replicated()
         kv_sh = jax.tree.map(lambda a: a.sharding, self.kv_cache)
-        args = (self.state, self.kv_cache, self.sampler_state, *self._abstract_inputs(*shape), key)
-        outs = jax.eval_shape(self._step_fn, *args)
+        args = (self.state, self.kv_cache, self.sampler_state, jax.ShapeDtypeStruct((layout.size,), jnp.int32))
+        outs = jax.eval_shape(functools.partial(self._step_fn, layout=layout), *args)
         return dict(in_shardings=(jax.tree.map(lambda a: getattr(a, "sharding", rep), self.state), kv_sh)
                     + (rep,) * (len(args) - 2),
                     out_shardings=tuple(kv_sh if i == 1 else rep for i in range(len(outs))))
 
-    def all_shapes(self) -> list[tuple[int, int, int, bool]]:
-        """(tokens, seqs, pages, decode_only) of every executable. Decode-only steps (one token per
-        sequence) get their own executables with tokens == seqs when ``decode_buckets`` is on."""
-        shapes = [(t, s, p, False) for t, s, p in self.ladder.all_shapes()]
+    # Token rows of a decode-only executable: its sequence count, raised to this floor (the extra
+    # rows are padding: they write no K/V and nobody reads their logits). With a single token row
+    # XLA rewrites the K/V projections of a layer as elementwise-multiply + reduce kernels (~17 us
+    # each for 8 MB of weights) instead of GEMMs; with two rows they stay GEMMs. On an H100, batch-1
+    # decode of the Llama-3.1-8B shape: 950 -> 574 kernels a step, device time 7.04 -> 5.94 ms,
+    # ITL 8.33 -> 7.13 ms (benchmarks/gpu_itl_variants.sh, results/2026-11-21-h100-decode-profile-2-*.json).
+    min_decode_tokens = 2
+
+    def _decode_tokens(self, num_seqs: int) -> int:
+        return max(num_seqs, self.min_decode_tokens)
+
+    def all_shapes(self) -> list[tuple[int, int, int, bool, bool]]:
+        """(tokens, seqs, pages, decode_only, plain_sampler) of every executable. Decode-only steps (one
+        token per sequence) get their own executables with tokens == seqs when ``decode_buckets`` is
+        on, twice: with the full sampler and with the branch-free one for plain batches (the common
+        decode batch; see ``sampler.sample``'s ``plain``), which keeps the step one CUDA graph the
+        host never waits inside."""
+        shapes = [(t, s, p, False, False) for t, s, p in self.ladder.all_shapes()]
         if self.decode_buckets:
-            shapes += [(s, s, p, True) for s in self.ladder.seq_buckets for p in self.ladder.page_buckets]
+            shapes += [(self._decode_tokens(s), s, p, True, plain)
+                       for s in self.ladder.seq_buckets for p in self.ladder.page_buckets
+                       for plain in (False, True)]
         return shapes
 
     def compile_all(self, progress: bool = True) -> float:
         """Compile every bucket shape ahead of time; returns seconds spent."""
         shapes = self.all_shapes()
         start = time.perf_counter()
-        key = jax.ShapeDtypeStruct((), jnp.uint32)
-        shardings = self._step_shardings(shapes[0][:3], key)
-        jitted = {False: jax.jit(self._step_fn, donate_argnums=(1, 2), **shardings),
-                  True: jax.jit(functools.partial(self._step_fn, max_query_len=1), donate_argnums=(1, 2),
-                                **shardings)}
+        shardings = self._step_shardings(self._layout(shapes[0]))
         bar = tqdm(shapes, desc="Compiling buckets", unit="exe", disable=not progress)
         for shape in bar:
             bar.set_postfix_str(f"tokens={shape[0]} seqs={shape[1]} pages={shape[2]}"
-                                + (" decode" if shape[3] else ""))
-            tokens, md, logits_indices, sampling_md = self._abstract_inputs(*shape[:3])
-            self._executables[shape] = jitted[shape[3]].lower(
-                self.state, self.kv_cache, self.sampler_state, tokens, md, logits_indices,
-                sampling_md, key).compile()
+                                + (" decode" if shape[3] else "") + (" plain" if shape[4] else ""))
+            layout = self._layout(shape)
+            fn = functools.partial(self._step_fn, layout=layout, max_query_len=1 if shape[3] else None,
+                                   plain_sampler=shape[4])
+            self._executables[shape] = jax.jit(fn, donate_argnums=(1, 2), **shardings).lower(
+                self.state, self.kv_cache, self.sampler_state,
+                jax.ShapeDtypeStruct((layout.size,), jnp.int32)).compile()
         self._write_slot_rows([])   # compiles set_slot_rows for its fixed row count
         # Under a mesh the results come back replicated: readable on every host.
         plp = jax.jit(self._prompt_logprobs_fn,
@@ -294,7 +326,7 @@ class ModelRunner:
         t_pad, s_pad, p_pad = self.ladder.select(total, num, int(self._num_pages[slots].max()))
         decode_only = self.decode_buckets and total == num
         if decode_only:
-            t_pad = s_pad
+            t_pad = self._decode_tokens(s_pad)
 
         ends = np.cumsum(counts)
         # Token j of the step belongs to sequence seq[j] and sits at position pos[j].
@@ -331,9 +363,11 @@ class ModelRunner:
         step_idx = np.uint32(self._step_count)
         self._step_count += 1
 
-        exe = self._executables[(t_pad, s_pad, p_pad, decode_only)]
-        out, self.kv_cache, self.sampler_state, hidden = exe(
-            self.state, self.kv_cache, self.sampler_state, tokens, md, logits_indices, sampling_md, step_idx)
+        plain = decode_only and smp.is_plain_batch(sampling_md, self.vocab_size)
+        shape = (t_pad, s_pad, p_pad, decode_only, plain)
+        exe = self._executables[shape]
+        packed = self._layout(shape).pack((tokens, md, logits_indices, sampling_md, step_idx))
+        out, self.kv_cache, self.sampler_state, hidden = exe(self.state, self.kv_cache, self.sampler_state, packed)
         prompt_lp = self._launch_prompt_logprobs(reqs, slots, counts, computed, hidden, t_pad)
         stats = StepStats(total, t_pad, num, (t_pad, s_pad, p_pad), 0.0)
         return _InFlight(order, reqs, slots, counts, samples, out, prompt_lp, stats, start)
@@ -345,6 +379,7 @@ class ModelRunner:
         reqs, slots, counts, samples = flight.reqs, flight.slots, flight.counts, flight.samples
         # The step's only device -> host copies: sampled tokens (+ logprobs), prompt logprobs if asked.
         out, prompt_lp_arrays = jax.device_get((flight.out, flight.prompt_lp[0] if flight.prompt_lp else None))
+        out = smp.SamplerOutput(*unpack_rows(out, self._out_spec()))
         prompt_logprobs = self._prompt_logprobs_entries(reqs, flight.prompt_lp, prompt_lp_arrays)
 
         self._num_computed[slots] += counts

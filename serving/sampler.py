@@ -280,6 +280,16 @@ def token_logprobs(logits, token_ids, wants_top, *, num_logprobs: int):
     return chosen - lse, jnp.maximum(ranks, 1), top_ids, top_lp
 
 
+def is_plain_batch(md: SamplingMetadata, vocab_size: int) -> bool:
+    """Host side, on the step's numpy metadata: whether every row needs nothing beyond temperature
+    and the Gumbel draw (no penalties, bias, min_tokens suppression, truncation or top logprobs), so
+    ``sample(..., plain=True)`` gives the same tokens as the full sampler with no data-dependent
+    branch in the compiled step. Padding rows are plain."""
+    return bool(np.all((md.repetition_penalty == 1.0) & (md.frequency_penalty == 0.0)
+                       & (md.presence_penalty == 0.0) & ~md.has_bias & ~md.suppress_stop & ~md.wants_logprobs
+                       & ((md.top_k <= 0) | (md.top_k >= vocab_size)) & (md.top_p >= 1.0) & (md.min_p <= 0.0)))
+
+
 def _needs_penalties(md: SamplingMetadata):
     return jnp.any((md.repetition_penalty != 1.0) | (md.frequency_penalty != 0.0) | (md.presence_penalty != 0.0))
 
@@ -369,25 +379,51 @@ def _row_keys(md: SamplingMetadata, step_key):
 
 
 def sample(logits, md: SamplingMetadata, state: SamplerState, step_key, *,
-           num_logprobs: int) -> tuple[SamplerOutput, SamplerState]:
+           num_logprobs: int, plain: bool = False) -> tuple[SamplerOutput, SamplerState]:
     """Sample one token per row. ``logits [S, V]``; ``step_key`` a fresh PRNG key each step.
 
     ``num_logprobs`` (static) is the width of the top-k alternatives (the engine's max over requests,
     or a fixed ``max_logprobs``; 0 allowed). Returns the output and the state with ``output_counts``
     incremented at (slot, token) for rows in ``sample_mask``.
+
+    ``plain`` (static) promises ``is_plain_batch``: the step then has no ``lax.cond`` at all.
+    On a GPU each cond makes the host wait for the predicate (a device-to-host round trip that
+    blocks the dispatching thread until the forward pass is done) and launches its branch outside
+    the step's CUDA graph; a decode step of a plain batch avoids both. The top-logprob columns are
+    zeros then (no row asked for them).
     """
     logits = logits.astype(jnp.float32)
     greedy_rows = md.temperature < SAMPLING_EPS
     random_rows = md.sample_mask & ~greedy_rows
     any_random = jnp.any(random_rows)
 
-    def draw(x, greedy_tokens):
+    def draw(x, greedy_tokens, truncate=True):
         temperature = jnp.where(greedy_rows, 1.0, md.temperature)[:, None]
-        x = _truncate(x / temperature, md, random_rows)
+        x = x / temperature
+        if truncate:
+            x = _truncate(x, md, random_rows)
         keys = _row_keys(md, step_key)
         noise = jax.vmap(lambda key: jax.random.gumbel(key, (x.shape[-1],), jnp.float32))(keys)
         sampled = jnp.argmax(x + noise, axis=-1).astype(jnp.int32)                      # Gumbel-max
         return jnp.where(greedy_rows, greedy_tokens, sampled)
+
+    if plain:
+        # The Gumbel draw runs for every row (a select, not a branch): a few microseconds of noise
+        # per row against the host round trip a cond costs.
+        tokens = draw(logits, jnp.argmax(logits, axis=-1).astype(jnp.int32), truncate=False)
+        lp, ranks, _, _ = token_logprobs(logits, tokens, md.wants_logprobs, num_logprobs=0)
+        s = logits.shape[0]
+        top_ids, top_lp = jnp.zeros((s, num_logprobs), jnp.int32), jnp.zeros((s, num_logprobs), jnp.float32)
+    else:
+        tokens, lp, ranks, top_ids, top_lp = _sample_full(logits, md, state, any_random, greedy_rows, draw,
+                                                          num_logprobs)
+    counts = state.output_counts.at[md.slots, tokens].add(md.sample_mask.astype(jnp.int32), mode="drop")
+    new_state = dataclasses.replace(state, output_counts=counts)
+    return SamplerOutput(tokens, lp, ranks, top_ids, top_lp), new_state
+
+
+def _sample_full(logits, md, state, any_random, greedy_rows, draw, num_logprobs):
+    """Every sampling feature, its expensive stages behind ``lax.cond``s on whether any row needs them."""
 
     def full(x):
         processed = _apply_penalties(x, md, state)
@@ -401,6 +437,4 @@ def sample(logits, md: SamplingMetadata, state: SamplerState, step_key, *,
                           lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits)
     lp, ranks, top_ids, top_lp = token_logprobs(logits, tokens, md.wants_logprobs & md.sample_mask,
                                                 num_logprobs=num_logprobs)
-    counts = state.output_counts.at[md.slots, tokens].add(md.sample_mask.astype(jnp.int32), mode="drop")
-    new_state = dataclasses.replace(state, output_counts=counts)
-    return SamplerOutput(tokens, lp, ranks, top_ids, top_lp), new_state
+    return tokens, lp, ranks, top_ids, top_lp

@@ -7,7 +7,7 @@ import pytest
 from serving import LLM, SamplingParams
 from tests.tiny_models import make_tiny_hf_model
 
-ENGINE = dict(dtype="float32", token_buckets=[32], seq_buckets=[8], max_num_batched_tokens=32,
+ENGINE = dict(dtype="float32", token_buckets=[32], seq_buckets=[1, 8], max_num_batched_tokens=32,
               max_num_seqs=8, max_model_len=96, block_size=16, kv_cache_memory=8 * 2 ** 20)
 
 
@@ -31,3 +31,8 @@ def test_pallas_backend_matches_xla(model_dir):
     pallas_llm = LLM(model_dir, attention_backend="pallas", **ENGINE)
     assert pallas_llm.engine.runner.decode_buckets          # decode-only steps use the decode kernel
     assert _greedy(pallas_llm, prompts) == xla
+    # Alone, a request decodes in the one-sequence executable, padded to two token rows
+    # (ModelRunner.min_decode_tokens) and with the branch-free sampler: same tokens.
+    runner = pallas_llm.engine.runner
+    assert any(shape[:2] == (2, 1) and shape[3] and shape[4] for shape in runner.all_shapes())
+    assert [_greedy(pallas_llm, [p])[0] for p in prompts[:2]] == xla[:2]

@@ -304,3 +304,39 @@ def test_build_sampling_metadata_fields_and_padding():
     np.testing.assert_allclose(md.repetition_penalty, [1.1, 1, 1, 1], rtol=1e-6)
     with pytest.raises(ValueError):
         metadata(params, pad_to=1)
+
+
+def test_plain_sampler_equals_full_on_plain_batches():
+    """The branch-free variant (decode executables of plain batches) gives the full sampler's tokens,
+    logprobs and ranks row for row: greedy, seeded and unseeded temperature rows, and padding."""
+    from serving.sampler import is_plain_batch
+
+    rng = np.random.RandomState(3)
+    v = 97
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=11),
+              SamplingParams(temperature=1.3), SamplingParams(temperature=1.0, top_p=1.0, top_k=0, logprobs=0)]
+    md = metadata(params, output_index=[0, 4, 9, 2], sample_mask=[True, True, True, False], pad_to=6)
+    assert is_plain_batch(md, v)
+    state = init_sampler_state(6, v)
+    plain_jit = jax.jit(partial(sample, plain=True), static_argnames="num_logprobs")
+    for i in range(5):
+        logits = rng.standard_normal((6, v)).astype(np.float32) * 3
+        key = jax.random.PRNGKey(i)
+        full, full_state = sample_jit(logits, md, state, key, num_logprobs=2)
+        plain, plain_state = plain_jit(logits, md, state, key, num_logprobs=2)
+        np.testing.assert_array_equal(plain.token_ids, full.token_ids)
+        np.testing.assert_array_equal(plain.ranks, full.ranks)
+        np.testing.assert_allclose(plain.logprobs, full.logprobs, rtol=1e-6)
+        np.testing.assert_array_equal(plain_state.output_counts, full_state.output_counts)
+        assert plain.top_ids.shape == (6, 2) and plain.top_logprobs.shape == (6, 2)
+
+
+@pytest.mark.parametrize("extra", [dict(top_p=0.9), dict(top_k=5), dict(min_p=0.1), dict(presence_penalty=0.5),
+                                   dict(frequency_penalty=0.1), dict(repetition_penalty=1.2), dict(logprobs=1),
+                                   dict(logit_bias={3: 1.0}), dict(allowed_token_ids=[1, 2]), dict(min_tokens=5)])
+def test_is_plain_batch_rejects_any_processing(extra):
+    from serving.sampler import is_plain_batch
+
+    base = SamplingParams(temperature=0.8)
+    assert is_plain_batch(metadata([base, SamplingParams(temperature=0.0, top_k=500)]), 97)
+    assert not is_plain_batch(metadata([base, SamplingParams(temperature=0.8, **extra)]), 97)
