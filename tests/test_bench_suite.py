@@ -78,11 +78,15 @@ def test_a_failed_step_does_not_stop_the_next(suite_mod, tmp_path, capsys):
     assert not suite.files and not suite.starts
 
 
-def test_commit_comes_from_the_environment_outside_a_git_checkout(tmp_path, monkeypatch):
+def test_commit_comes_from_the_environment_when_set(tmp_path, monkeypatch):
+    """$JAXLLM_COMMIT wins even inside a checkout: the tree copied to a GPU machine carries the .git
+    of the session's start, whose HEAD is not the code that ran (seen 2026-11-21)."""
     from serving.bench.environment import git_commit
 
     monkeypatch.setenv("JAXLLM_COMMIT", "abc1234")
-    assert git_commit(tmp_path) == "abc1234"        # a copied tree (the GPU machine) has no .git
-    assert git_commit(ROOT) != "abc1234"            # a checkout names its own HEAD
+    assert git_commit(tmp_path) == "abc1234"
+    assert git_commit(ROOT) == "abc1234"
     monkeypatch.delenv("JAXLLM_COMMIT")
+    head = git_commit(ROOT)
+    assert head is not None and len(head.split("-")[0]) == 40      # a checkout names its own HEAD
     assert git_commit(tmp_path) is None
