@@ -124,7 +124,9 @@ class KVCacheManager:
         new_pages = self.pool.allocate(num_needed)
         req_pages.extend(new_pages)
         if self.enable_prefix_caching:
-            self._hash_full_pages(request, req_pages, total // self.page_size)
+            # Only pages of known tokens: under async scheduling the last scheduled positions may be
+            # placeholders for tokens still being sampled. A later call hashes the rest.
+            self._hash_full_pages(request, req_pages, min(total, request.num_tokens) // self.page_size)
         return new_pages
 
     def _hash_full_pages(self, request: Request, req_pages: list[int], num_full_pages: int) -> None:

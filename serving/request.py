@@ -73,6 +73,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_computed_tokens = 0
+        # Tokens that steps already scheduled will sample but whose results update() has not
+        # applied yet (async scheduling keeps one step in flight); 0 between steps otherwise.
+        # Positions [num_tokens, num_tokens + num_output_placeholders) are scheduled but unknown.
+        self.num_output_placeholders = 0
         # Prefix-cache hits (tokens) at the first schedule; None until then (vLLM reports it once).
         self.num_cached_tokens: Optional[int] = None
         self.num_preemptions = 0

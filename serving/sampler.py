@@ -10,6 +10,8 @@ steps and are donated into the step:
     prompt_mask   [N, V] bool     tokens present in the prompt     (repetition penalty)
     logit_bias    [N, V] float32  logit_bias, -inf outside allowed_token_ids
     stop_mask     [N, V] bool     EOS + stop_token_ids, suppressed while fewer than min_tokens are generated
+    last_tokens   [N]    int32    the token the slot sampled last (async scheduling feeds it back as the
+                                  next step's input before the host has seen it; see model_runner)
 
 A slot's rows are only *read* for rows whose parameters need them (per-row flags below), so a request
 with no penalties, no logit_bias/allowed_token_ids and no min_tokens does not need its rows written at
@@ -49,13 +51,14 @@ _NEG_INF = float("-inf")
 # ---------------------------------------------------------------------------------------------------
 
 @partial(jax.tree_util.register_dataclass,
-         data_fields=["output_counts", "prompt_mask", "logit_bias", "stop_mask"], meta_fields=[])
+         data_fields=["output_counts", "prompt_mask", "logit_bias", "stop_mask", "last_tokens"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class SamplerState:
     output_counts: jax.Array   # [N, V] int32
     prompt_mask: jax.Array     # [N, V] bool
     logit_bias: jax.Array      # [N, V] float32
     stop_mask: jax.Array       # [N, V] bool
+    last_tokens: jax.Array     # [N] int32
 
     @property
     def num_slots(self) -> int:
@@ -71,6 +74,7 @@ def init_sampler_state(num_slots: int, vocab_size: int) -> SamplerState:
         prompt_mask=jnp.zeros((num_slots, vocab_size), jnp.bool_),
         logit_bias=jnp.zeros((num_slots, vocab_size), jnp.float32),
         stop_mask=jnp.zeros((num_slots, vocab_size), jnp.bool_),
+        last_tokens=jnp.zeros((num_slots,), jnp.int32),
     )
 
 
@@ -125,7 +129,7 @@ def set_slot_rows(state: SamplerState, slots, counts, prompt_mask, bias, stop_ma
         return dst.at[slots].set(rows.astype(dst.dtype), mode="drop")
 
     return SamplerState(put(state.output_counts, counts), put(state.prompt_mask, prompt_mask),
-                        put(state.logit_bias, bias), put(state.stop_mask, stop_mask))
+                        put(state.logit_bias, bias), put(state.stop_mask, stop_mask), state.last_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,7 +388,7 @@ def sample(logits, md: SamplingMetadata, state: SamplerState, step_key, *,
 
     ``num_logprobs`` (static) is the width of the top-k alternatives (the engine's max over requests,
     or a fixed ``max_logprobs``; 0 allowed). Returns the output and the state with ``output_counts``
-    incremented at (slot, token) for rows in ``sample_mask``.
+    incremented at (slot, token) and ``last_tokens[slot] = token`` for rows in ``sample_mask``.
 
     ``plain`` (static) promises ``is_plain_batch``: the step then has no ``lax.cond`` at all.
     On a GPU each cond makes the host wait for the predicate (a device-to-host round trip that
@@ -418,7 +422,11 @@ def sample(logits, md: SamplingMetadata, state: SamplerState, step_key, *,
         tokens, lp, ranks, top_ids, top_lp = _sample_full(logits, md, state, any_random, greedy_rows, draw,
                                                           num_logprobs)
     counts = state.output_counts.at[md.slots, tokens].add(md.sample_mask.astype(jnp.int32), mode="drop")
-    new_state = dataclasses.replace(state, output_counts=counts)
+    # Rows that do not sample (mid-prompt chunks, padding) point past the last slot: dropped, so a
+    # slot's last token is only ever the one its own request sampled.
+    writers = jnp.where(md.sample_mask, md.slots, state.num_slots)
+    last_tokens = state.last_tokens.at[writers].set(tokens, mode="drop")
+    new_state = dataclasses.replace(state, output_counts=counts, last_tokens=last_tokens)
     return SamplerOutput(tokens, lp, ranks, top_ids, top_lp), new_state
 
 

@@ -268,6 +268,7 @@ class Scheduler:
         self.kv.free(request, num_valid_tokens=request.num_computed_tokens if undo_step else None)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0   # a token in flight is dropped; recompute samples it again
         request.num_prompt_logprobs_since_start = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -293,7 +294,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             # _cap_new_tokens, inlined: this loop runs for every running request every step.
-            num_new = len(request.prompt_token_ids) + len(request.output_token_ids) - request.num_computed_tokens
+            # Placeholders: tokens that a step in flight samples (async scheduling) count as known.
+            num_output = len(request.output_token_ids)
+            placeholders = request.num_output_placeholders
+            if placeholders and num_output + placeholders >= request.max_output_tokens:
+                i += 1
+                continue                     # the step in flight samples its last possible token
+            num_new = len(request.prompt_token_ids) + num_output + placeholders - request.num_computed_tokens
             if 0 < long_prefill < num_new:
                 num_new = long_prefill
             if num_new > budget:
@@ -378,7 +385,9 @@ class Scheduler:
         # Like vLLM, count the scheduled tokens as computed now: the KV is written by the time the
         # next plan runs, and the plan above already carries the pre-step values.
         for request in itertools.chain(scheduled_running, scheduled_new):
-            request.num_computed_tokens += num_scheduled[request.req_id]
+            computed = request.num_computed_tokens = request.num_computed_tokens + num_scheduled[request.req_id]
+            if computed >= request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1    # it samples this step
         return plan
 
     def _waiting_preemption_victim(self, request: Request, num_scheduled: dict[str, int],
@@ -422,6 +431,7 @@ class Scheduler:
             sampled = all_sampled.get(req_id, ())
             new_token_ids: tuple[int, ...] = ()
             if sampled:
+                request.num_output_placeholders -= 1
                 output_token_ids = request.output_token_ids
                 if request.num_computed_tokens < len(request.prompt_token_ids) + len(output_token_ids):
                     raise RuntimeError(
