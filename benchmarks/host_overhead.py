@@ -56,6 +56,8 @@ PHASES = ("schedule", "dispatch", "collect", "update", "stats", "process_outputs
 # wall-clock, already inside the phases).
 _clock = time.thread_time
 # Phases on the critical path: the device waits for them (process_outputs overlaps the device step).
+# That holds for synchronous scheduling; with async_scheduling (--engine-arg async_scheduling=true)
+# collect and update of step N overlap step N+1 on the device, and device_idle_pct is what to read.
 CRITICAL = ("schedule", "dispatch", "collect", "update", "stats", "between_steps")
 _TEXT = ("The quick brown fox jumps over the lazy dog. In the beginning the Universe was created. "
          "This has made a lot of people very angry and been widely regarded as a bad move. "
@@ -92,8 +94,9 @@ class _FakeExecutable:
         return out, kv_cache, sampler_state, None
 
 
-def build_engine(*, max_num_seqs: int, max_model_len: int, num_logprobs: int):
-    """An LLMEngine over the real scheduler and ModelRunner whose executables are stand-ins."""
+def build_engine(*, max_num_seqs: int, max_model_len: int, num_logprobs: int, engine_args: dict | None = None):
+    """An LLMEngine over the real scheduler and ModelRunner whose executables are stand-ins.
+    ``engine_args``: more EngineArgs fields (those the engine itself reads, e.g. async_scheduling)."""
     import jax.numpy as jnp
 
     from model_zoo.loader import resolve_model
@@ -127,7 +130,7 @@ def build_engine(*, max_num_seqs: int, max_model_len: int, num_logprobs: int):
             runner._layout(shape)
     scheduler = Scheduler(num_pages=num_pages, page_size=page_size, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-    args = EngineArgs(max_logprobs=num_logprobs)
+    args = EngineArgs(max_logprobs=num_logprobs, **(engine_args or {}))
     engine = LLMEngine(engine_args=args, model_config=config, tokenizer=tokenizer, scheduler=scheduler,
                        runner=runner, max_model_len=max_model_len, eos_token_ids=eos, default_sampling={},
                        model_name="smollm2-1layer-dummy")
@@ -188,12 +191,14 @@ def _reset(timer: dict) -> None:
 
 def _emulate_device(engine, timer: dict, base_us: float, per_seq_us: float, per_prefill_token_us: float) -> None:
     """A device that takes base + per_seq * seqs + per_prefill_token * (tokens - seqs) microseconds
-    per step from the end of dispatch: collect sleeps (without the GIL, as a blocked device_get)
-    until the step is "done". The host's work then overlaps the device as it would on a GPU, and the
-    wall time beyond the device's is the time the device would sit idle."""
+    per step, running steps in order from their dispatch: collect sleeps (without the GIL, as a
+    blocked device_get) until its step is "done". The host's work then overlaps the device as it
+    would on a GPU (also with async scheduling, where step N+1 is dispatched before step N is
+    collected), and the wall time beyond the device's is the time the device would sit idle."""
     runner = engine.runner
     dispatch, collect = runner.dispatch, runner.collect
-    ready = [0.0]
+    device_free_at = [0.0]
+    ready: dict[int, float] = {}      # id(flight) -> when the device finishes that step
 
     def emulated_dispatch(plan):
         flight = dispatch(plan)
@@ -201,14 +206,16 @@ def _emulate_device(engine, timer: dict, base_us: float, per_seq_us: float, per_
         if seqs:
             busy = 1e-6 * (base_us + per_seq_us * seqs + per_prefill_token_us * (tokens - seqs))
             timer["device"] += busy
-            ready[0] = time.perf_counter() + busy
+            device_free_at[0] = max(device_free_at[0], time.perf_counter()) + busy
+            ready[id(flight)] = device_free_at[0]
         return flight
 
     def emulated_collect(flight):
-        wait = ready[0] - time.perf_counter()
+        done = ready.pop(id(flight), None)
+        wait = 0.0 if done is None else done - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-            timer["sleep_overshoot"] += time.perf_counter() - ready[0]   # the emulation's own error
+            timer["sleep_overshoot"] += time.perf_counter() - done   # the emulation's own error
         return collect(flight)
 
     runner.dispatch, runner.collect = emulated_dispatch, emulated_collect
@@ -352,6 +359,9 @@ def main(argv=None) -> int:
                          "6000,25,40 for an 8B decode on an H100); 0,0,0: none (host time only)")
     ap.add_argument("--switch-interval-ms", type=float, default=None,
                     help="sys.setswitchinterval for the run (default: Python's, 5 ms)")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="an EngineArgs field for the engine (VALUE as JSON, else a string), e.g. "
+                         "async_scheduling=true; repeatable")
     ap.add_argument("--gc-freeze", action="store_true",
                     help="gc.freeze() the heap once the engine is built (startup objects are never scanned)")
     ap.add_argument("--commit", default=None,
@@ -365,6 +375,13 @@ def main(argv=None) -> int:
     from serving.bench.environment import host_environment, model_shape, result_envelope, write_json
 
     batches = [int(b) for b in a.batches.split(",")]
+    engine_args = {}
+    for item in a.engine_arg:
+        key, _, value = item.partition("=")
+        try:
+            engine_args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            engine_args[key] = value
     modes = a.modes.split(",")
     runs = [(m, b, d, None) for m in modes for b in batches for d in (True, False)]
     if a.logprobs_batch:
@@ -373,7 +390,7 @@ def main(argv=None) -> int:
     rows = []
     for mode, batch, detok, logprobs in runs:
         engine, exe_timer = build_engine(max_num_seqs=max(batches + [a.logprobs_batch]),
-                                         max_model_len=max_model_len, num_logprobs=5)
+                                         max_model_len=max_model_len, num_logprobs=5, engine_args=engine_args)
         timer = _instrument(engine, exe_timer)
         device_us = [float(x) for x in a.device_us.split(",")]
         if any(device_us):
@@ -406,7 +423,7 @@ def main(argv=None) -> int:
                                                       "max_num_batched_tokens": 2048,
                                                       "device_us": a.device_us,
                                                       "switch_interval_s": sys.getswitchinterval(),
-                                                      "gc_freeze": a.gc_freeze},
+                                                      "gc_freeze": a.gc_freeze, "engine_args": engine_args},
                                {"runs": rows})
         date = datetime.date.today().isoformat()
         name = f"{date}-cpu-host-overhead{'-' + a.label if a.label else ''}.json"
