@@ -8,6 +8,7 @@ steps: launch latency, host work on the critical path). The same run times the s
 profiler, and measures a device-to-device copy so the weight-streaming roofline is this device's.
 
     PYTHONPATH=$PWD python benchmarks/gpu_profile.py --batch 1,64 --out $OUT
+    PYTHONPATH=$PWD python benchmarks/gpu_profile.py --batch 1,64 --async-scheduling --tag async --out $OUT
     python benchmarks/gpu_profile.py --model /tmp/tiny --dtype float32 --attention-backend xla --batch 1,4  # CPU smoke
 
 Issue 8 reads two figures from it: batch-1 ITL against the roofline, and the GPU idle share at batch 64.
@@ -292,6 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-decode-tokens", type=int, default=None,
                     help="experiment: ModelRunner.min_decode_tokens (token rows of a decode executable)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="engine keeps one step in flight (EngineArgs.async_scheduling)")
     ap.add_argument("--tag", default="", help="suffix of the result name (a variant's label)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--trace-dir", default=None)
@@ -309,7 +312,7 @@ def main(argv=None) -> int:
     llm = LLM(args.model, load_format=load_format, dtype=args.dtype, attention_backend=args.attention_backend,
               token_buckets=[int(x) for x in args.token_buckets.split(",")],
               seq_buckets=sorted(set(batches)), max_num_batched_tokens=max(int(x) for x in args.token_buckets.split(",")),
-              max_num_seqs=max(batches), max_model_len=args.max_model_len,
+              max_num_seqs=max(batches), max_model_len=args.max_model_len, async_scheduling=args.async_scheduling,
               compilation_cache_dir=os.environ.get("JAXLLM_COMPILATION_CACHE", "off"))
     startup = time.perf_counter() - t
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.state))
@@ -317,6 +320,7 @@ def main(argv=None) -> int:
            "commit": _commit(), "device": jax.devices()[0].device_kind, "model": args.model,
            "dtype": args.dtype, "attention": args.attention_backend, "tag": args.tag,
            "temperature": args.temperature, "min_decode_tokens": args.min_decode_tokens,
+           "async_scheduling": args.async_scheduling,
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "startup_s": round(startup, 1),
            "weight_gb": round(weight_bytes / 1e9, 3), "command": " ".join(["benchmarks/gpu_profile.py"] + (argv or sys.argv[1:])),
            "runs": []}

@@ -57,6 +57,9 @@ class EngineArgs:
     seq_buckets: Optional[tuple[int, ...]] = None
     compilation_cache_dir: Optional[str] = None
     served_model_name: Optional[str] = None
+    # Keep one step in flight: schedule and launch step N+1 before collecting step N (vLLM's
+    # --async-scheduling). Off until measured on the GPU.
+    async_scheduling: bool = False
     # Multi-host (one model over several processes, jax.distributed); None: from the environment
     # (JAXLLM_COORDINATOR_ADDRESS / JAXLLM_NUM_PROCESSES / JAXLLM_PROCESS_ID), else single-process.
     coordinator_address: Optional[str] = None

@@ -7,6 +7,11 @@
 around which this module does the per-request host work: n-way fan-out into child requests,
 incremental detokenizing, stop strings, logprob dicts, and RequestOutputs (cumulative, delta or
 final only: see RequestOutputKind).
+
+With ``EngineArgs.async_scheduling`` (vLLM's ``--async-scheduling``) one step stays in flight: step
+N+1 is scheduled and launched before step N's results are collected, its decode inputs naming the
+tokens step N samples by placeholder (see serving.model_runner), so the device never waits for the
+host's collect/update/schedule/dispatch between two steps.
 """
 
 from __future__ import annotations
@@ -126,6 +131,8 @@ class LLMEngine:
         self.stats = EngineStats()
         self._pending_core: list = []       # step N's scheduler outputs, processed during step N+1
         self._token_texts: dict[int, str] = {}     # token id -> its text (logprobs' decoded_token)
+        self.async_scheduling = engine_args.async_scheduling
+        self._in_flight = None              # async scheduling: (plan, flight) dispatched, not collected
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, **overrides) -> "LLMEngine":
@@ -217,7 +224,8 @@ class LLMEngine:
         self._refresh_scheduler_stats()
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._parents) or self.scheduler.has_unfinished_requests()
+        # A step in flight counts: one more step collects it, so the runner ends up holding nothing.
+        return bool(self._parents) or self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # ------------------------------------------------------------------ the step
     def step(self, on_outputs: Optional[Callable[[list[RequestOutput]], None]] = None) -> list[RequestOutput]:
@@ -228,6 +236,8 @@ class LLMEngine:
         busy, instead of returning them. AsyncLLM hands them to the event loop there, so that its
         consumers run (holding the GIL) while the device computes, not during the host work between
         two device steps (collect, update, schedule, dispatch) that the device waits for."""
+        if self.async_scheduling:
+            return self._step_async(on_outputs)
         plan = self.scheduler.schedule()
         flight = self.runner.dispatch(plan)
         pending, self._pending_core = self._pending_core, []
@@ -244,6 +254,32 @@ class LLMEngine:
             if on_outputs is not None and outputs:
                 on_outputs(outputs)
                 outputs = []
+        return outputs
+
+    def _step_async(self, on_outputs) -> list[RequestOutput]:
+        """Async scheduling: launch step N+1, then collect step N and do its host work while the
+        device runs N+1. Outputs do not trail: step N's are returned by the call that launched N+1.
+
+        A request that step N finishes (EOS, length, a stop string, an abort) may be in step N+1
+        too: update() skips requests that are gone, so that result is dropped; its K/V writes land
+        in pages it freed, before any later step (the device runs steps in order) and past every
+        position anyone reads as that request's, and the prefix cache hashes only known tokens.
+        """
+        plan = self.scheduler.schedule()
+        flight = self.runner.dispatch(plan)
+        previous = self._in_flight
+        self._in_flight = None if plan.is_empty else (plan, flight)
+        if previous is None:
+            self._refresh_scheduler_stats()
+            return []
+        prev_plan, prev_flight = previous
+        result = self.runner.collect(prev_flight)
+        core = self.scheduler.update(prev_plan, result)
+        self._record_step_stats(prev_plan)
+        outputs = self._process_outputs(core) if core else []
+        if on_outputs is not None and outputs:
+            on_outputs(outputs)
+            outputs = []
         return outputs
 
     def _record_step_stats(self, plan) -> None:

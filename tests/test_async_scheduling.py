@@ -1,0 +1,221 @@
+"""Async scheduling (EngineArgs.async_scheduling, vLLM's --async-scheduling): step N+1 is launched
+before step N is collected, its inputs naming step N's tokens by placeholder. Whatever the batch,
+the outputs must equal the synchronous engine's.
+
+The scheduler's placeholder bookkeeping is checked directly (no model); the engine end to end on
+the embedded SmolLM2, one engine for both modes (the flag is read every step), so each check
+compares the two orders over the same executables.
+"""
+
+from serving import SamplingParams
+from serving.compile_counter import compile_counter
+from serving.plan import RunnerOutput
+from serving.request import Request
+from serving.scheduler import Scheduler
+
+# The smollm module's engine and prompts (module-scoped fixtures: this module builds its own engine).
+from tests.test_engine_smollm import llm, prompt_ids, swapped_scheduler  # noqa: F401
+
+# --------------------------------------------------------------------------- scheduler, no model
+
+
+def _scheduler(**kw):
+    args = dict(num_pages=32, page_size=4, max_model_len=64, max_num_batched_tokens=64)
+    args.update(kw)
+    return Scheduler(**args)
+
+
+def _result(plan, tokens):
+    """A RunnerOutput sampling ``tokens[req_id]`` for the plan's requests that are in ``tokens``."""
+    return RunnerOutput(tuple(plan.num_scheduled_tokens), {r: (tokens[r],) if r in tokens else ()
+                                                           for r in plan.num_scheduled_tokens}, {}, {})
+
+
+def test_one_step_in_flight_schedules_the_placeholder():
+    sched = _scheduler()
+    sched.add_request(Request("a", [1, 2, 3, 4, 5], SamplingParams(temperature=0.0, max_tokens=3)))
+    plan1 = sched.schedule()                         # prefill: samples token 0
+    req = sched.requests["a"]
+    assert plan1.num_scheduled_tokens == {"a": 5} and req.num_output_placeholders == 1
+    plan2 = sched.schedule()                         # before plan1's result: decodes the placeholder
+    assert plan2.num_scheduled_tokens == {"a": 1} and req.num_output_placeholders == 2
+    # Two tokens in flight + none known = max_tokens - 1: one more may be scheduled, then none.
+    plan3 = sched.schedule()
+    assert plan3.num_scheduled_tokens == {"a": 1} and req.num_output_placeholders == 3
+    assert sched.schedule().is_empty
+    sched.update(plan1, _result(plan1, {"a": 7}))
+    assert req.output_token_ids == [7] and req.num_output_placeholders == 2
+    assert sched.schedule().is_empty                 # 1 known + 2 in flight = max_tokens
+    sched.update(plan2, _result(plan2, {"a": 8}))
+    outs = sched.update(plan3, _result(plan3, {"a": 9}))
+    assert outs[-1].finish_reason == "length" and outs[-1].new_token_ids == (9,)
+    assert "a" not in sched.requests
+    assert sched.kv.num_free_pages == sched.kv.num_pages - 1
+
+
+def test_finished_request_drops_the_step_in_flight():
+    sched = _scheduler()
+    sched.add_request(Request("a", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=10),
+                              eos_token_ids=(0,)))
+    plan1 = sched.schedule()
+    plan2 = sched.schedule()
+    outs = sched.update(plan1, _result(plan1, {"a": 0}))       # EOS
+    assert outs[0].finish_reason == "stop"
+    assert sched.update(plan2, _result(plan2, {"a": 5})) == []  # the request is gone: dropped
+    assert sched.kv.num_free_pages == sched.kv.num_pages - 1
+
+
+def test_preemption_discards_the_token_in_flight():
+    # 3 usable pages of 4 tokens: two requests of 5 prompt tokens need 2 pages each to decode.
+    sched = _scheduler(num_pages=4, max_model_len=12)
+    for rid in ("a", "b"):
+        sched.add_request(Request(rid, [1, 2, 3, 4], SamplingParams(temperature=0.0, max_tokens=8)))
+    plan1 = sched.schedule()                          # both prefill (1 page each), both sample
+    plan2 = sched.schedule()                          # both decode position 4: a 2nd page each; b yields
+    b = sched.requests["b"]
+    assert "b" not in plan2.num_scheduled_tokens and b.num_output_placeholders == 0
+    assert b.num_computed_tokens == 0 and "b" in plan2.finished_req_ids
+    outs = sched.update(plan1, _result(plan1, {"a": 5, "b": 6}))
+    assert [o.req_id for o in outs] == ["a"] and b.output_token_ids == []   # b's token: dropped
+    assert sched.requests["a"].num_output_placeholders == 1
+
+
+def test_prefix_cache_never_hashes_a_placeholder_position():
+    sched = _scheduler(page_size=4)
+    sched.add_request(Request("a", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=10)))
+    plan1 = sched.schedule()                          # positions 0-2, samples position 3
+    plan2 = sched.schedule()                          # position 3 is a placeholder: page 0 is full
+    req = sched.requests["a"]
+    assert plan2.num_scheduled_tokens == {"a": 1} and req.num_computed_tokens == 4
+    assert req.page_hashes == [] and sched.kv._num_hashed_pages["a"] == 0
+    sched.update(plan1, _result(plan1, {"a": 9}))
+    sched.schedule()                                  # the token is known now: page 0 is hashed
+    assert sched.kv._num_hashed_pages["a"] == 1
+    assert sched.kv.get_computed_pages(Request("x", [1, 2, 3, 9, 4], SamplingParams()))[1] == 4
+
+
+# --------------------------------------------------------------------------- the engine, SmolLM2
+
+
+def _drain(engine):
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step()                 # hands the last finished ids to the runner
+
+
+def _summary(out):
+    """Everything a RequestOutput says, logprobs rounded (the batches of the two orders differ)."""
+    def lps(entries):
+        return None if entries is None else [
+            None if d is None else {t: round(lp.logprob, 3) for t, lp in d.items()} for d in entries]
+    return (out.prompt_logprobs and lps(out.prompt_logprobs),
+            [(c.token_ids, c.text, c.finish_reason, c.stop_reason, lps(c.logprobs)) for c in out.outputs])
+
+
+def _run(llm, async_on, prompts, params):
+    """Generate in one order; returns the summaries and the most tokens a step saw in flight."""
+    engine, runner = llm.engine, llm.engine.runner
+    _drain(engine)
+    engine.async_scheduling = async_on
+    in_flight = []
+    dispatch = runner.dispatch
+
+    def counting_dispatch(plan):
+        # Tokens that held slots have scheduled but not received yet (a placeholder is sent for them).
+        held = [st.slot for st in runner._reqs.values()]
+        in_flight.append(int((runner._num_tokens[held] - runner._num_known[held]).max(initial=0)))
+        return dispatch(plan)
+
+    runner.dispatch = counting_dispatch
+    before = compile_counter.count
+    try:
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        _drain(engine)
+    finally:
+        del runner.dispatch
+        engine.async_scheduling = False
+    assert compile_counter.count == before, "the engine compiled after warm-up"
+    stats = engine.scheduler.get_stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.num_free_pages == stats.num_usable_pages
+    assert not runner._reqs and engine._in_flight is None
+    for out, p in zip(outs, params if isinstance(params, list) else [params] * len(outs)):
+        for c in out.outputs:
+            assert len(c.token_ids) <= p.max_tokens
+    return [_summary(o) for o in outs], max(in_flight)
+
+
+def _assert_same(llm, prompts, params):
+    sync, sync_depth = _run(llm, False, prompts, params)
+    async_, async_depth = _run(llm, True, prompts, params)
+    assert sync_depth == 0 and async_depth >= 1, "async scheduling never had a step in flight"
+    for i, (a, b) in enumerate(zip(sync, async_)):
+        assert a == b, f"request {i}: sync {a} != async {b}"
+    return sync
+
+
+def test_mixed_batch_equals_sync(llm, prompt_ids):
+    g = dict(temperature=0.0)
+    params = [
+        SamplingParams(**g, max_tokens=1),
+        SamplingParams(**g, max_tokens=2, logprobs=2),
+        SamplingParams(**g, max_tokens=7, prompt_logprobs=1),
+        SamplingParams(**g, max_tokens=32, stop=[" the", "\n"]),
+        SamplingParams(temperature=0.9, seed=11, max_tokens=20, n=3),
+        SamplingParams(**g, max_tokens=24, repetition_penalty=1.3, min_tokens=4),
+        SamplingParams(temperature=0.7, top_p=0.9, seed=5, max_tokens=16, stop_token_ids=[13]),
+        SamplingParams(**g, max_tokens=5, include_stop_str_in_output=True, stop=["("]),
+        SamplingParams(**g, max_tokens=80),
+        SamplingParams(**g, max_tokens=80),
+    ]
+    sync = _assert_same(llm, prompt_ids, params)
+    reasons = [(c[2], c[3]) for _, cs in sync for c in cs]
+    assert ("stop", None) in reasons, "no request stopped at EOS: the check lost its EOS case"
+    assert any(r == "stop" and isinstance(s, str) for r, s in reasons), "no stop string matched"
+    assert ("length", None) in reasons
+
+
+def test_chunked_prefill_prefix_hits_and_preemption_equal_sync(llm, prompt_ids):
+    # Shared prefixes (each prompt twice) for cache hits, a 16-token budget for chunked prefill,
+    # and 12 pages of 16 tokens for 20 requests: preemption.
+    prompts = prompt_ids + [ids + [13] for ids in prompt_ids]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    results, stats = [], []
+    for async_on in (False, True):
+        with swapped_scheduler(llm, max_num_batched_tokens=16, num_pages=12) as sched:
+            results.append(_run(llm, async_on, prompts, params))
+            stats.append(sched.get_stats())
+    (sync, sync_depth), (async_, async_depth) = results
+    assert sync_depth == 0 and async_depth >= 1
+    assert sync == async_
+    for st in stats:
+        assert st.num_preemptions > 0 and st.prefix_cache_hits > 0
+
+
+def test_abort_mid_flight(llm, prompt_ids):
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    got = []
+    for async_on in (False, True):
+        _drain(engine)
+        engine.async_scheduling = async_on
+        try:
+            for i, ids in enumerate(prompt_ids[:4]):
+                engine.add_request(f"r{i}", {"prompt_token_ids": ids}, params)
+            outs = {}
+            for step in range(60):
+                if step == 4:
+                    engine.abort_request(["r1", "r3"])   # after tokens came out, with a step in flight
+                for o in engine.step():
+                    outs[o.request_id] = o
+                if not engine.has_unfinished_requests():
+                    break
+            _drain(engine)
+        finally:
+            engine.async_scheduling = False
+        assert not engine.has_unfinished_requests() and not engine.runner._reqs
+        stats = engine.scheduler.get_stats()
+        assert stats.num_free_pages == stats.num_usable_pages
+        assert outs["r0"].finished and outs["r2"].finished
+        got.append({rid: o.outputs[0].token_ids for rid, o in outs.items() if rid in ("r0", "r2")})
+    assert got[0] == got[1]
