@@ -219,3 +219,49 @@ def test_abort_mid_flight(llm, prompt_ids):
         assert outs["r0"].finished and outs["r2"].finished
         got.append({rid: o.outputs[0].token_ids for rid, o in outs.items() if rid in ("r0", "r2")})
     assert got[0] == got[1]
+
+
+def test_async_llm_streams_equal_sync(llm, prompt_ids):
+    """The server's path: AsyncLLM's device thread stepping the engine, DELTA streams and a client
+    that goes away mid-stream (the abort lands while a step is in flight)."""
+    import asyncio
+
+    from serving.async_llm import AsyncLLM
+    from serving.outputs import RequestOutputKind
+
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    prompts = prompt_ids[:4]
+    sync, _ = _run(llm, False, prompts, params)
+
+    async def stream(server, i, ids, stop_after=None):
+        tokens = []
+        async for out in server.generate({"prompt_token_ids": ids}, params, f"s{i}",
+                                         output_kind=RequestOutputKind.DELTA):
+            tokens += out.outputs[0].token_ids
+            if stop_after is not None and len(tokens) >= stop_after:
+                break                                  # the client goes away: generate aborts
+        return tokens
+
+    async def main():
+        server = AsyncLLM(engine)
+        try:
+            return await asyncio.gather(*(stream(server, i, ids, stop_after=3 if i == 1 else None)
+                                          for i, ids in enumerate(prompts)))
+        finally:
+            await server.shutdown()
+
+    _drain(engine)
+    engine.async_scheduling = True
+    try:
+        got = asyncio.run(main())
+        _drain(engine)
+    finally:
+        engine.async_scheduling = False
+    for i, (tokens, (_, completions)) in enumerate(zip(got, sync)):
+        expected = completions[0][0]
+        assert tokens == (expected[:len(tokens)] if i == 1 else expected)
+    assert 3 <= len(got[1]) < len(sync[1][1][0][0])
+    stats = engine.scheduler.get_stats()
+    assert stats.num_running == stats.num_waiting == 0 and stats.num_free_pages == stats.num_usable_pages
+    assert not engine.runner._reqs
