@@ -176,13 +176,13 @@ def test_mixed_batch_equals_sync(llm, prompt_ids):
 
 
 def test_chunked_prefill_prefix_hits_and_preemption_equal_sync(llm, prompt_ids):
-    # Shared prefixes (each prompt twice) for cache hits, a 16-token budget for chunked prefill,
-    # and 12 pages of 16 tokens for 20 requests: preemption.
-    prompts = prompt_ids + [ids + [13] for ids in prompt_ids]
-    params = SamplingParams(temperature=0.0, max_tokens=40)
+    # Shared prefixes (prompts twice) for cache hits, a 16-token budget for chunked prefill, and
+    # 8 usable pages of 16 tokens (max_model_len's worth) for 10 requests: preemption.
+    prompts = prompt_ids[-5:] + [ids + [13] for ids in prompt_ids[-5:]]
+    params = SamplingParams(temperature=0.0, max_tokens=24)
     results, stats = [], []
     for async_on in (False, True):
-        with swapped_scheduler(llm, max_num_batched_tokens=16, num_pages=12) as sched:
+        with swapped_scheduler(llm, max_num_batched_tokens=16, num_pages=9) as sched:
             results.append(_run(llm, async_on, prompts, params))
             stats.append(sched.get_stats())
     (sync, sync_depth), (async_, async_depth) = results
