@@ -7,6 +7,8 @@ the embedded SmolLM2, one engine for both modes (the flag is read every step), s
 compares the two orders over the same executables.
 """
 
+import pytest
+
 from serving import SamplingParams
 from serving.compile_counter import compile_counter
 from serving.plan import RunnerOutput
@@ -14,6 +16,9 @@ from serving.request import Request
 from serving.scheduler import Scheduler
 
 # The smollm module's engine and prompts (module-scoped fixtures: this module builds its own engine).
+from tests.fakes import FakeRunner
+from tests.fakes.fake_async_llm import EOS
+from tests.test_engine_outputs import PARAMS as OUTPUT_PARAMS, PROMPTS as OUTPUT_PROMPTS, VOCAB, engine_run, make_engine
 from tests.test_engine_smollm import llm, prompt_ids, swapped_scheduler  # noqa: F401
 
 # --------------------------------------------------------------------------- scheduler, no model
@@ -265,3 +270,51 @@ def test_async_llm_streams_equal_sync(llm, prompt_ids):
     stats = engine.scheduler.get_stats()
     assert stats.num_running == stats.num_waiting == 0 and stats.num_free_pages == stats.num_usable_pages
     assert not engine.runner._reqs
+
+
+# --------------------------------------------------------------------------- the engine, fake runner
+
+
+class _EagerFakeRunner(FakeRunner):
+    """FakeRunner computing each step at dispatch, in dispatch order, as the device does; collect
+    hands the result over later. It checks that a plan never schedules past the tokens its runner
+    has (a placeholder is a token an earlier dispatched step sampled)."""
+    last_step = None
+    scheduler = None
+    max_placeholders = 0        # most tokens one request had scheduled but not applied, at a dispatch
+
+    def dispatch(self, plan):
+        self.max_placeholders = max([self.max_placeholders]
+                                    + [r.num_output_placeholders for r in self.scheduler.running])
+        return self.run(plan)
+
+    def collect(self, result):
+        return result
+
+
+@pytest.mark.parametrize("sched_kwargs", [
+    dict(num_pages=64, page_size=4),
+    dict(num_pages=26, page_size=4, max_num_batched_tokens=8),                 # preemption, chunks
+    dict(num_pages=26, page_size=4, scheduling_policy="priority"),           # waiting-queue preemption
+])
+def test_fake_engine_outputs_equal_sync(sched_kwargs):
+    """Every (prompt, params) pair of test_engine_outputs at once, with priorities, under pool
+    pressure: the async engine's final outputs equal the synchronous engine's field by field."""
+    finals = []
+    for async_on in (False, True):
+        engine = make_engine(**sched_kwargs)
+        engine.runner = _EagerFakeRunner(sched_kwargs["num_pages"], sched_kwargs["page_size"], VOCAB, eos_token_id=EOS)
+        engine.runner.scheduler = engine.scheduler
+        engine.async_scheduling = async_on
+        for i, prompt in enumerate(OUTPUT_PROMPTS):
+            for j, params in enumerate(OUTPUT_PARAMS):
+                engine.add_request(f"{i}-{j}", prompt, params, priority=(i * 7 + j) % 3)
+        outputs = engine_run(engine)
+        stats = engine.scheduler.get_stats()
+        assert stats.num_free_pages == stats.num_usable_pages
+        finals.append({rid: (outs[-1].outputs, outs[-1].prompt_logprobs) for rid, outs in outputs.items()})
+        if sched_kwargs["num_pages"] < 64:
+            assert stats.num_preemptions > 0
+        # Synchronous: at most the token the step being dispatched samples; async: one more in flight.
+        assert engine.runner.max_placeholders == (2 if async_on else 1)
+    assert finals[0] == finals[1]
