@@ -26,6 +26,14 @@ def _commit() -> str:
     return git_commit() or "unknown"
 
 
+def write_result(out_dir: str, name: str, data: dict) -> None:
+    """One results file (benchmarks/results naming: <date>-<device>-<what>.json)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(data, f, indent=1)
+    print("wrote", name)
+
+
 def check_pallas_equals_xla(results: dict) -> None:
     import jax
 
@@ -115,11 +123,7 @@ def main(argv=None) -> int:
     if not args.skip_check:
         check_pallas_equals_xla(results)
     time_8b(results, args)
-    os.makedirs(args.out, exist_ok=True)
-    name = f"{results['date']}-{results['device'].replace(' ', '-').lower()}-engine.json"
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(results, f, indent=1)
-    print("wrote", name)
+    write_result(args.out, f"{results['date']}-{results['device'].replace(' ', '-').lower()}-engine.json", results)
     return 0
 
 

@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.gpu_engine import _commit  # noqa: E402
+from benchmarks.gpu_engine import _commit, write_result  # noqa: E402
 
 # Kernel name -> category, first match wins. Names come from XLA (fusions, cuBLAS/cuBLASLt, nvjet,
 # cutlass), Pallas (the kernel body's Python name) and the CUDA runtime (memcpy/memset).
@@ -350,12 +350,8 @@ def main(argv=None) -> int:
         print(f"prefill {res['prefill']['prompt_len']} tokens: {res['prefill']['seconds'] * 1e3:.1f} ms, "
               f"{res['prefill']['tflops']} TFLOP/s; matmul {res.get('matmul_tflops')} TFLOP/s; "
               f"MFU vs matmul {res['prefill'].get('mfu_vs_matmul')}")
-    os.makedirs(args.out, exist_ok=True)
     dev = res["device"].split()[1].lower() if res["device"].startswith("NVIDIA") else res["device"].lower()
-    name = f"{res['date']}-{dev}-decode-profile{('-' + args.tag) if args.tag else ''}.json"
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(res, f, indent=1)
-    print("wrote", name)
+    write_result(args.out, f"{res['date']}-{dev}-decode-profile{('-' + args.tag) if args.tag else ''}.json", res)
     return 0
 
 
