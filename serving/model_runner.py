@@ -93,7 +93,7 @@ class ModelRunner:
             self.sampler_state = jax.device_put(self.sampler_state, layout.replicated())
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._reqs: dict[str, _ReqState] = {}
-        self._executables: dict[tuple[int, int, int], object] = {}
+        self._executables: dict[tuple[int, int, int, bool, bool], object] = {}   # see all_shapes
         self._layouts: dict[tuple[int, int, int], PackedLayout] = {}
         self._prompt_lp_exes: dict[int, object] = {}
         self._set_rows_exe = None
@@ -120,11 +120,12 @@ class ModelRunner:
         logits, kv_cache, hidden = model(tokens, kv_cache, md, logits_indices, return_hidden=True)
         out, sampler_state = smp.sample(logits, sampling_md, sampler_state, step_key,
                                         num_logprobs=self.max_logprobs, plain=plain_sampler)
-        out = pack_rows([out.token_ids, out.logprobs, out.ranks, out.top_ids, out.top_logprobs])
+        out = pack_rows(jax.tree.leaves(out))     # SamplerOutput's fields in order; see _out_spec
         # hidden stays on the device; only a step with prompt-logprob requests reads it.
         return out, kv_cache, sampler_state, hidden
 
     def _out_spec(self):
+        """(width, dtype, squeeze) of each SamplerOutput field in the packed output matrix."""
         k = self.max_logprobs
         return ((1, np.int32, True), (1, np.float32, True), (1, np.int32, True),
                 (k, np.int32, False), (k, np.float32, False))

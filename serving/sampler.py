@@ -412,8 +412,8 @@ def sample(logits, md: SamplingMetadata, state: SamplerState, step_key, *,
         return jnp.where(greedy_rows, greedy_tokens, sampled)
 
     if plain:
-        # The Gumbel draw runs for every row (a select, not a branch): a few microseconds of noise
-        # per row against the host round trip a cond costs.
+        # The Gumbel draw runs for every row (a select, not a branch), even in an all-greedy batch:
+        # [S, V] random numbers on the device instead of a host round trip for a predicate.
         tokens = draw(logits, jnp.argmax(logits, axis=-1).astype(jnp.int32), truncate=False)
         lp, ranks, _, _ = token_logprobs(logits, tokens, md.wants_logprobs, num_logprobs=0)
         s = logits.shape[0]
