@@ -16,9 +16,11 @@ sampled tokens. Synchronous use (collect before the next dispatch) never sends a
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 import time
 
 import jax
@@ -34,6 +36,13 @@ from serving.plan import Logprobs, RunnerOutput, StepPlan
 from serving.step_io import PackedLayout, pack_rows, unpack_rows
 
 logger = logging.getLogger("jaxllm")
+
+
+def _shape_label(key: tuple) -> str:
+    if key[0] == "prompt_logprobs":
+        return f"prompt logprobs tokens={key[1]}"
+    t, s, p, decode, plain = key[1:]
+    return f"tokens={t} seqs={s} pages={p}" + (" decode" if decode else "") + (" plain" if plain else "")
 
 
 @dataclasses.dataclass
@@ -188,31 +197,49 @@ class ModelRunner:
                        for plain in (False, True)]
         return shapes
 
+    # XLA releases the GIL while it compiles (LLVM, ptxas, GEMM autotuning), so the bucket
+    # executables compile side by side: lowering (Python tracing) stays serial, compiling runs on a
+    # thread pool. 8 threads leave cores for XLA's own parallel LLVM splitting on a 16-core host.
+    compile_threads = 8
+
     def compile_all(self, progress: bool = True) -> float:
-        """Compile every bucket shape ahead of time; returns seconds spent."""
+        """Compile every bucket shape ahead of time (in parallel threads); returns seconds spent."""
         shapes = self.all_shapes()
         start = time.perf_counter()
         shardings = self._step_shardings(self._layout(shapes[0]))
-        bar = tqdm(shapes, desc="Compiling buckets", unit="exe", disable=not progress)
-        for shape in bar:
-            bar.set_postfix_str(f"tokens={shape[0]} seqs={shape[1]} pages={shape[2]}"
-                                + (" decode" if shape[3] else "") + (" plain" if shape[4] else ""))
+        lowered = {}
+        for shape in shapes:
             layout = self._layout(shape)
             fn = functools.partial(self._step_fn, layout=layout, max_query_len=1 if shape[3] else None,
                                    plain_sampler=shape[4])
-            self._executables[shape] = jax.jit(fn, donate_argnums=(1, 2), **shardings).lower(
+            lowered[("step",) + shape] = jax.jit(fn, donate_argnums=(1, 2), **shardings).lower(
                 self.state, self.kv_cache, self.sampler_state,
-                jax.ShapeDtypeStruct((layout.size,), jnp.int32)).compile()
-        self._write_slot_rows([])   # compiles set_slot_rows for its fixed row count
+                jax.ShapeDtypeStruct((layout.size,), jnp.int32))
         # Under a mesh the results come back replicated: readable on every host.
         plp = jax.jit(self._prompt_logprobs_fn,
                       **({"out_shardings": self.layout.replicated()} if self.layout is not None else {}))
         for t in sorted({shape[0] for shape in shapes}):
-            self._prompt_lp_exes[t] = plp.lower(
+            lowered[("prompt_logprobs", t)] = plp.lower(
                 self.state, jax.ShapeDtypeStruct((t, self.config.hidden_size), self._hidden_dtype()),
-                jax.ShapeDtypeStruct((t,), jnp.int32)).compile()
+                jax.ShapeDtypeStruct((t,), jnp.int32))
+        threads = max(1, min(self.compile_threads, os.cpu_count() or 1, len(lowered)))
+        bar = tqdm(total=len(lowered), desc=f"Compiling buckets ({threads} threads)", unit="exe",
+                   disable=not progress)
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxllm-compile") as pool:
+            futures = {pool.submit(low.compile): key for key, low in lowered.items()}
+            for done in concurrent.futures.as_completed(futures):
+                key = futures[done]
+                exe = done.result()         # a compile error surfaces here, with its own traceback
+                if key[0] == "step":
+                    self._executables[key[1:]] = exe
+                else:
+                    self._prompt_lp_exes[key[1]] = exe
+                bar.set_postfix_str(_shape_label(key))
+                bar.update()
+        bar.close()
+        self._write_slot_rows([])   # compiles set_slot_rows for its fixed row count
         elapsed = time.perf_counter() - start
-        logger.info("Compiled %d bucket executables in %.1f s", len(shapes), elapsed)
+        logger.info("Compiled %d bucket executables in %.1f s (%d threads)", len(shapes), elapsed, threads)
         return elapsed
 
     @property
