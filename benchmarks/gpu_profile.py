@@ -329,7 +329,7 @@ def main(argv=None) -> int:
         res["runs"].append(run_batch(llm, b, args.ctx, args.steps, trace_root, args.temperature))
     # Greedy tokens of a fixed prompt: variants of one model (same dummy seed) must agree.
     from serving import SamplingParams
-    check = llm.generate([{"prompt_token_ids": list(range(100, 300))}],
+    check = llm.generate([{"prompt_token_ids": [(100 + i) % llm.engine.vocab_size for i in range(200)]}],
                          SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, detokenize=False),
                          use_tqdm=False)[0].outputs[0].token_ids
     res["check_tokens"] = list(check)
