@@ -36,6 +36,7 @@ from benchmarks.gpu_engine import _commit, write_result  # noqa: E402
 # Kernel name -> category, first match wins. Names come from XLA (fusions, cuBLAS/cuBLASLt, nvjet,
 # cutlass), Pallas (the kernel body's Python name) and the CUDA runtime (memcpy/memset).
 _CATEGORIES = (
+    ("collective", re.compile(r"nccl|all[-_]?reduce|all[-_]?gather|reduce[-_]scatter|collective", re.I)),
     ("memcpy", re.compile(r"memcpy|memset|MemcpyH2D|MemcpyD2H|MemcpyD2D", re.I)),
     ("attention (pallas)", re.compile(r"decode|prefill|attention|_kernel$|paged", re.I)),
     ("gemm", re.compile(r"gemm|gemv|nvjet|cutlass|sm90_|sm80_|cublas|triton_dot|__cublas|dot", re.I)),
@@ -79,7 +80,10 @@ def device_events(trace: dict) -> tuple[list[dict], str]:
     the XLA threads of ``/host:CPU`` stand in (the smoke run only checks the plumbing)."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     procs = _meta(events, "process_name")
-    gpu = {pid for pid, n in procs.items() if "/device:GPU" in n}
+    # Under tensor parallelism every device runs the same step: GPU 0's timeline stands for all
+    # (summing devices would count busy time twice).
+    gpus = sorted((n, pid) for pid, n in procs.items() if "/device:GPU" in n)
+    gpu = {gpus[0][1]} if gpus else set()
     if gpu:
         return [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e], "gpu"
     threads = _meta(events, "thread_name")
@@ -286,6 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-backend", default="pallas")
     ap.add_argument("--batch", default="1,64")
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--token-buckets", default="512")
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -293,8 +298,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-decode-tokens", type=int, default=None,
                     help="experiment: ModelRunner.min_decode_tokens (token rows of a decode executable)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="engine keeps one step in flight (EngineArgs.async_scheduling)")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="one step in flight (EngineArgs.async_scheduling); default: the engine's default")
     ap.add_argument("--tag", default="", help="suffix of the result name (a variant's label)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--trace-dir", default=None)
@@ -312,15 +317,18 @@ def main(argv=None) -> int:
     llm = LLM(args.model, load_format=load_format, dtype=args.dtype, attention_backend=args.attention_backend,
               token_buckets=[int(x) for x in args.token_buckets.split(",")],
               seq_buckets=sorted(set(batches)), max_num_batched_tokens=max(int(x) for x in args.token_buckets.split(",")),
-              max_num_seqs=max(batches), max_model_len=args.max_model_len, async_scheduling=args.async_scheduling,
+              max_num_seqs=max(batches), max_model_len=args.max_model_len,
+              tensor_parallel_size=args.tensor_parallel_size,
+              **({} if args.async_scheduling is None else {"async_scheduling": args.async_scheduling}),
               compilation_cache_dir=os.environ.get("JAXLLM_COMPILATION_CACHE", "off"))
     startup = time.perf_counter() - t
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm.engine.runner.state))
     res = {"what": "decode-step profile", "date": datetime.date.today().isoformat(), "jax": jax.__version__,
            "commit": _commit(), "device": jax.devices()[0].device_kind, "model": args.model,
            "dtype": args.dtype, "attention": args.attention_backend, "tag": args.tag,
+           "tensor_parallel_size": args.tensor_parallel_size,
            "temperature": args.temperature, "min_decode_tokens": args.min_decode_tokens,
-           "async_scheduling": args.async_scheduling,
+           "async_scheduling": llm.engine.async_scheduling,
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "startup_s": round(startup, 1),
            "weight_gb": round(weight_bytes / 1e9, 3), "command": " ".join(["benchmarks/gpu_profile.py"] + (argv or sys.argv[1:])),
            "runs": []}
@@ -343,7 +351,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth() if on_gpu else None
     if bw:
         res["copy_gbps"] = round(bw, 1)
-        res["roofline_ms"] = round(weight_bytes / (bw * 1e9) * 1e3, 3)
+        res["roofline_ms"] = round(weight_bytes / args.tensor_parallel_size / (bw * 1e9) * 1e3, 3)
     print_table(res)
     print("check tokens:", res["check_tokens"][:12])
     if "prefill" in res:

@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse KV pages of shared prompt prefixes")
     c.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES,
                    help="order of waiting requests ('priority' uses the request's priority)")
-    c.add_argument("--async-scheduling", action="store_true", default=False,
-                   help="schedule and launch step N+1 before collecting step N, hiding the host's work")
+    c.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="schedule and launch step N+1 before collecting step N, hiding the host's work "
+                        "(default; --no-async-scheduling steps synchronously)")
     c.add_argument("--token-buckets", default=None, help="comma-separated token-count buckets compiled ahead")
     c.add_argument("--seq-buckets", default=None, help="comma-separated batch-size buckets compiled ahead")
     c.add_argument("--compilation-cache-dir", default=None, help="persistent XLA compilation cache directory")

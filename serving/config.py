@@ -58,8 +58,10 @@ class EngineArgs:
     compilation_cache_dir: Optional[str] = None
     served_model_name: Optional[str] = None
     # Keep one step in flight: schedule and launch step N+1 before collecting step N (vLLM's
-    # --async-scheduling). Off until measured on the GPU.
-    async_scheduling: bool = False
+    # --async-scheduling). On by default since measured on an H100 (8B bf16, ctx 512,
+    # benchmarks/gpu_async_vs_sync.sh): batch-1 step 7.13 -> 5.93 ms, batch-64 11.19 -> 9.03 ms,
+    # GPU idle at batch 64 37% -> 1.6% (results/2026-11-21-h100-decode-profile-async.json).
+    async_scheduling: bool = True
     # Multi-host (one model over several processes, jax.distributed); None: from the environment
     # (JAXLLM_COORDINATOR_ADDRESS / JAXLLM_NUM_PROCESSES / JAXLLM_PROCESS_ID), else single-process.
     coordinator_address: Optional[str] = None

@@ -39,7 +39,9 @@ class _SteppedFakeRunner(FakeRunner):
 def make_engine(num_pages=64, page_size=4, **sched_kwargs) -> LLMEngine:
     scheduler = Scheduler(num_pages=num_pages, page_size=page_size, max_model_len=MAX_MODEL_LEN,
                           max_num_batched_tokens=sched_kwargs.pop("max_num_batched_tokens", 16), **sched_kwargs)
-    return LLMEngine(engine_args=EngineArgs(max_logprobs=5), model_config=types.SimpleNamespace(vocab_size=VOCAB),
+    # The stepped fake runs a plan when it is collected, which models the synchronous engine; the
+    # same (prompt, params) pairs under async scheduling are compared in test_async_scheduling.py.
+    return LLMEngine(engine_args=EngineArgs(max_logprobs=5, async_scheduling=False), model_config=types.SimpleNamespace(vocab_size=VOCAB),
                      tokenizer=FakeTokenizer(), scheduler=scheduler,
                      runner=_SteppedFakeRunner(num_pages, page_size, VOCAB, eos_token_id=EOS),
                      max_model_len=MAX_MODEL_LEN, eos_token_ids=(EOS,), default_sampling={}, model_name="fake")

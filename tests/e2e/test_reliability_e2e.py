@@ -328,7 +328,10 @@ def test_sigterm_drains_in_flight_and_refuses_new(server):
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while server.metric("num_requests_running") < 1:
+    # All four accepted (running, waiting or already answered) before the signal: one still on
+    # its way to the server when SIGTERM lands would rightly be refused.
+    while (server.metric("num_requests_running") < 1 or server.metric("num_requests_running")
+           + server.metric("num_requests_waiting") + len(results) < 4):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     server.proc.send_signal(signal.SIGTERM)
