@@ -478,16 +478,12 @@ class Suite:
             return
         from serving.bench.environment import result_envelope, write_json
 
-        cold = next((s for s in self.starts if s["cache_entries_before"] == 0), None)
-        cached = next((s for s in self.starts if s["cache_entries_before"] > 0), None)
-        summary = lambda s: None if s is None else {  # noqa: E731
-            "process": s["process"], "startup_s": s.get("startup_s", s["process_s"]), "compile_s": s["compile_s"]}
+        cold, cached = startup_cold_and_cached(self.starts)
         config = {"engine_flags": shlex.join(self.engine_flags()), "cache_dir": self.k.cache_dir,
                   "note": "startup_s: engine build (weights + KV cache + every bucket compiled or loaded) inside "
                           "the process; process_s: from launch to ready, imports included (server: to /health)"}
         self.files["startup"] = write_json(self.path("startup"), result_envelope(
-            "startup", self.environment(), config, {"cold": summary(cold), "cached": summary(cached),
-                                                     "starts": self.starts}))
+            "startup", self.environment(), config, {"cold": cold, "cached": cached, "starts": self.starts}))
 
     # ------------------------------------------------------------------------- driver
     def main(self) -> int:
@@ -529,6 +525,19 @@ class Suite:
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         (self.logs / "RESULTS-preview.md").write_text(mod.render(self.k.out))
+
+
+def startup_cold_and_cached(starts: list[dict]) -> tuple[Optional[dict], Optional[dict]]:
+    """The cold figure is the first start that compiled (it wrote new compilation-cache entries; a
+    cache left by other programs' executables does not make a start cached), the cached figure the
+    first start that wrote none, i.e. loaded every executable."""
+    def summary(s):
+        return None if s is None else {"process": s["process"], "startup_s": s.get("startup_s", s["process_s"]),
+                                       "compile_s": s["compile_s"]}
+
+    cold = next((s for s in starts if s["new_cache_entries"] > 0), None)
+    cached = next((s for s in starts if s["new_cache_entries"] == 0), None)
+    return summary(cold), summary(cached)
 
 
 class StepFailed(Exception):

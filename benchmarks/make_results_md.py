@@ -199,7 +199,8 @@ _RPS, _SERVED_RPS = ("results", "requests_per_second"), ("results", "request_thr
 _SUITE = "*-h100-8b-"
 # Files of benchmarks/gpu_profile.py: steady decode steps timed without the profiler, then profiled.
 # 1-packed: batch 1 and 64 plus a 2k-token prefill; 2-B-mindec2: batch 1 with the 2-row decode
-# executables (ModelRunner.min_decode_tokens = 2, the default since).
+# executables (ModelRunner.min_decode_tokens = 2, the default since); 3-async: batch 1 and 64 with
+# async scheduling (the default since).
 _PROFILE = "*-h100-decode-profile-"
 
 
@@ -212,11 +213,11 @@ _TARGETS = [
     Target("batch-1 ITL, Llama-3.1-8B bf16, context <= 1k, H100", "<= 5.8 ms (vLLM 6.44 ms; roofline ~5.0)",
            _H100, _ITL, "ms"),
     Target("batch-1 decode step, 8B bf16, context 512, H100 (gpu_profile, unprofiled median)", "<= 5.8 ms",
-           _PROFILE + "2-B-mindec2.json", ("runs", 0, "step_ms_unprofiled_median"), "ms"),
+           _PROFILE + "3-async.json", ("runs", 0, "step_ms_unprofiled_median"), "ms"),
     Target("prefill of a 2k-token prompt: model TFLOP/s / dense bf16 matmul TFLOP/s, same run, H100", ">= 0.5",
            _PROFILE + "1-packed.json", ("prefill", "mfu_vs_matmul"), "x"),
     Target("GPU idle share of a decode step at batch 64, context 512 (profile), H100", "<= 0.1",
-           _PROFILE + "1-packed.json", ("runs", 1, "idle_fraction"), ""),
+           _PROFILE + "3-async.json", ("runs", 1, "idle_fraction"), ""),
     Target("start-up, 8B, 8 executables, with the compilation cache, H100 (gpu_profile)", "<= 60 s",
            _PROFILE + "1-packed-t1-cached.json", ("startup_s",), "s"),
     Target("offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100", ">= 40 req/s (vLLM v0.6 ~36.5)",
@@ -255,6 +256,11 @@ def _newest(results_dir: Path, pattern: str, date: str | None = None) -> tuple[A
     return (json.loads(hits[-1].read_text()), hits[-1].name) if hits else (None, "-")
 
 
+def _commit_of(data: dict) -> Any:
+    """The commit a results file names (suite files: under "environment")."""
+    return (data.get("environment") or {}).get("commit", data.get("commit"))
+
+
 def _shared_date(results_dir: Path, patterns) -> str | None:
     """The newest date prefix (yyyy-mm-dd) that files of every pattern have."""
     dates = [{p.name[:10] for p in results_dir.glob(pat)} for pat in patterns]
@@ -276,6 +282,9 @@ def _targets(results_dir: Path) -> list[str]:
             b = _get(den, den_key) if den is not None else None
             value = round(a / b, 3) if a is not None and b else None
             name = f"{num_name} / {den_name}"
+            if same_run and value is not None and _commit_of(num) != _commit_of(den):
+                # Same date, different runs (several sessions a day): not a side-by-side ratio.
+                value, name = None, f"{name} (different runs: commits {_commit_of(num)} / {_commit_of(den)})"
         else:
             data, name = _newest(results_dir, pattern)
             value = _get(data, key) if data is not None else None

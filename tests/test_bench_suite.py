@@ -90,3 +90,18 @@ def test_commit_comes_from_the_environment_when_set(tmp_path, monkeypatch):
     head = git_commit(ROOT)
     assert head is not None and len(head.split("-")[0]) == 40      # a checkout names its own HEAD
     assert git_commit(tmp_path) is None
+
+
+def test_startup_cold_is_the_first_start_that_compiled(suite_mod):
+    # A cache already holding other executables (30 entries) does not make the first start cached.
+    starts = [{"process": "a", "cache_entries_before": 30, "new_cache_entries": 20, "process_s": 232.0,
+               "startup_s": 200.0, "compile_s": 197.0},
+              {"process": "b", "cache_entries_before": 50, "new_cache_entries": 0, "process_s": 41.0,
+               "startup_s": 13.5, "compile_s": 10.9},
+              {"process": "c", "cache_entries_before": 50, "new_cache_entries": 0, "process_s": 30.0,
+               "compile_s": 9.0}]
+    cold, cached = suite_mod.startup_cold_and_cached(starts)
+    assert cold == {"process": "a", "startup_s": 200.0, "compile_s": 197.0}
+    assert cached == {"process": "b", "startup_s": 13.5, "compile_s": 10.9}
+    assert suite_mod.startup_cold_and_cached(starts[:1]) == (cold, None)
+    assert suite_mod.startup_cold_and_cached(starts[2:])[1] == {"process": "c", "startup_s": 30.0, "compile_s": 9.0}

@@ -36,8 +36,9 @@ def test_ratio_row_not_measured_without_both_files(tmp_path):
     assert "| not measured |" in row and "- / 2026-02-01-nvidia-h100-80gb-hbm3-engine.json" in row
 
 
-def _suite_file(path, kind, results):
-    path.write_text(json.dumps({"benchmark": kind, "environment": {}, "config": {}, "results": results}))
+def _suite_file(path, kind, results, commit=None):
+    env = {} if commit is None else {"commit": commit}
+    path.write_text(json.dumps({"benchmark": kind, "environment": env, "config": {}, "results": results}))
 
 
 def _served(rps):
@@ -85,3 +86,7 @@ def test_same_run_ratio_pairs_files_of_one_date_only(tmp_path):
     assert "| not measured |" in row()              # served and offline of different runs are not divided
     _suite_file(tmp_path / "2026-03-01-h100-8b-sharegpt-offline.json", "throughput", _throughput(32.0))
     assert "| 0.938 x | 2026-03-01-h100-8b-sharegpt-served-inf.json / 2026-03-01-h100-8b-sharegpt-offline.json |" in row()
+    # Same date, another run (a later session re-ran offline at another commit): not divided either.
+    _suite_file(tmp_path / "2026-03-01-h100-8b-sharegpt-offline.json", "throughput", _throughput(32.0), commit="b")
+    _suite_file(tmp_path / "2026-03-01-h100-8b-sharegpt-served-inf.json", "serve", _served(30.0), commit="a")
+    assert "| not measured |" in row() and "different runs: commits a / b" in row()
