@@ -1,7 +1,52 @@
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD JAXLLM_COMMIT=${JAXLLM_COMMIT:-wt} JAXLLM_COMPILATION_CACHE=off
-P="python benchmarks/gpu_profile.py --ctx 512 --steps 30 --token-buckets 512 --max-model-len 2048 --out $OUT"
-run() { tag=$1; shift; echo "#### $tag"; timeout 170 "$@" 2>&1 | grep "== batch\|check tokens\|roofline\|Error\|error:" ; }
-run A-control $P --batch 1 --tag A-control
-run B-mindec2 $P --batch 1 --min-decode-tokens 2 --tag B-mindec2
-XLA_FLAGS=--xla_gpu_enable_command_buffer= run C-nocmdbuf $P --batch 1 --tag C-nocmdbuf
-XLA_FLAGS=--xla_gpu_enable_command_buffer= run D-nocmdbuf-mindec2 $P --batch 1,64 --min-decode-tokens 2 --tag D-nocmdbuf-mindec2
+#!/usr/bin/env bash
+# Decode-step variants, one gpu_profile process each (same model, same dummy seed), then one table.
+# A variant is a line "tag|XLA_FLAGS|extra gpu_profile args" in $VARIANTS (default: the list below).
+#
+#   OUT=/tmp/res bash benchmarks/gpu_itl_variants.sh                                 # on the GPU machine
+#   OUT=/tmp/res BASE="--tensor-parallel-size 2 --batch 1,64" VARIANTS="$TP_VARIANTS" bash benchmarks/gpu_itl_variants.sh
+#
+# Session 2's variants (results/2026-11-21-h100-decode-profile-2-*.json) were: control, the 2-row decode
+# executables (min_decode_tokens, the default since), XLA command buffers off (worse).
+# Defaults now, with what each should move (predicted before running):
+#   A-control        async scheduling (the default): H100 batch-1 5.93 ms, batch-64 9.03 ms (3-async.json)
+#   B-noremat        --xla_gpu_memory_limit_slop_factor=400: XLA sees the donated KV cache + weights (~94 GB
+#                    of "live" parameters) over its ~44 GB limit and runs rematerialisation, which re-computes
+#                    small fusions per layer ("*_remat" kernels, e.g. loop_pad_fusion_31_remat 32 x 7 us at
+#                    batch 64); a limit it cannot exceed should remove them: -0.1..-0.3 ms a step.
+# For tensor parallelism (TP2 on H200: 67 all-reduces of 16 KB cost ~3 ms of a 5.8 ms device step,
+# 45-80 us each; results/2026-11-21-h200-decode-profile-tp2*.json), $TP_VARIANTS below.
+set -uo pipefail
+: "${OUT:?set OUT to the results directory}"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} JAXLLM_COMMIT=${JAXLLM_COMMIT:-wt}
+export JAXLLM_COMPILATION_CACHE=${JAXLLM_COMPILATION_CACHE:-off}
+BASE=${BASE:---batch 1,64}
+DEFAULT_VARIANTS="A-control||
+B-noremat|--xla_gpu_memory_limit_slop_factor=400|"
+TP_VARIANTS="tp2-A-control||
+tp2-B-noremat|--xla_gpu_memory_limit_slop_factor=400|
+tp2-C-nccl-symmetric|--xla_gpu_experimental_enable_nccl_symmetric_buffers=true|
+tp2-D-no-ar-kernel|--xla_gpu_allow_all_reduce_kernel=false|"
+VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
+GUARD_S=${GUARD_S:-200}
+tags=()
+while IFS='|' read -r tag flags extra; do
+  [ -z "$tag" ] && continue
+  echo "#### $tag  XLA_FLAGS='$flags'  $extra"
+  # shellcheck disable=SC2086
+  XLA_FLAGS="$flags" timeout "$GUARD_S" python benchmarks/gpu_profile.py --ctx 512 --steps 30 --token-buckets 512 \
+      --max-model-len 2048 --out "$OUT" $BASE $extra --tag "$tag" 2>&1 \
+      | grep "== batch\|check tokens\|roofline\|Error\|error:"
+  tags+=("$tag")
+done <<< "$VARIANTS"
+python - "$OUT" "${tags[@]}" <<'PY'
+import glob, json, sys
+out, tags = sys.argv[1], sys.argv[2:]
+print(f"{'variant':<24} {'batch':>5} {'step ms':>8} {'busy ms':>8} {'idle':>6} {'kernels':>8}  collective ms")
+for tag in tags:
+    files = sorted(glob.glob(f"{out}/*decode-profile-{tag}.json"))
+    if not files:
+        print(f"{tag:<24} (no result)"); continue
+    for r in json.load(open(files[-1]))["runs"]:
+        print(f"{tag:<24} {r['batch']:>5} {r['step_ms_unprofiled_median']:>8.3f} {r['busy_ms_per_step']:>8.3f} "
+              f"{r['idle_fraction']:>6.1%} {r['kernels_per_step']:>8.0f}  {r['by_category_ms_per_step'].get('collective', 0):.3f}")
+PY
