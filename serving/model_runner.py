@@ -199,8 +199,9 @@ class ModelRunner:
 
     # XLA releases the GIL while it compiles (LLVM, ptxas, GEMM autotuning), so the bucket
     # executables compile side by side: lowering (Python tracing) stays serial, compiling runs on a
-    # thread pool. 8 threads leave cores for XLA's own parallel LLVM splitting on a 16-core host.
-    compile_threads = 8
+    # thread pool. 4 threads: on an H100 8 concurrent GEMM autotuners once ran out of device memory
+    # (3.5 GiB each, beside the KV cache), and each compile already splits its LLVM work over threads.
+    compile_threads = 4
 
     def compile_all(self, progress: bool = True) -> float:
         """Compile every bucket shape ahead of time (in parallel threads); returns seconds spent."""
