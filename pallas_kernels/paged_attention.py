@@ -13,10 +13,14 @@ anything else (or ``None``) selects the ragged prefill kernel (query blocks of o
 causal masking), which is correct for decode too, just slower there. The decode kernel treats every
 token independently, so a wrong hint costs speed, never correctness.
 
-Which lowering runs: the Triton-lowered Pallas kernels in ``triton_attention.py``, on every CUDA
-GPU including Hopper (and in interpret mode on the CPU, ``interpret=True``, which the tests use).
-A Mosaic GPU (Hopper) variant is not written yet: JAX marks the Triton lowering deprecated, but it
-still compiles and runs under JAX 0.11.2 on H100/H200, where ``benchmarks/kernels.py`` measures it.
+Which lowering runs: the Triton-lowered Pallas kernels in ``triton_attention.py`` by default, on
+every CUDA GPU including Hopper (and in interpret mode on the CPU, ``interpret=True``, which the
+tests use). ``kernel="mosaic"`` selects the Mosaic GPU (Hopper, sm_90) decode kernel in
+``mosaic_attention.py`` (TMA page copies into a multi-stage SMEM ring; ``interpret=True`` runs it
+in Mosaic GPU's interpreter). It covers decode only: prefill batches, and decode shapes it does not
+support (fp32, head_dim not a multiple of 64, more than 64 query heads per kv head, page sizes not
+a multiple of 8, or no ring that fits shared memory), run the Triton kernels. The default stays
+Triton until ``benchmarks/kernels.py`` has measured the Mosaic kernel on H100/H200.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import triton_attention
+from pallas_kernels import mosaic_attention, triton_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,27 @@ _PREFILL_TUNING = {
     "H100": _HOPPER_PREFILL,
     "default": PrefillTuning(block_rows=64, pages_per_block=4, num_warps=4, num_stages=2),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicDecodeTuning:
+    block_keys: int           # keys per K/V block (a multiple of 64: the wgmma contraction)
+    num_stages: int           # K/V blocks in flight in the SMEM ring
+    target_programs: int      # as DecodeTuning
+    min_pages_per_split: int
+
+
+# Untuned starting point (not measured yet): 64-key blocks in a 3-deep ring ask ~113 KB of shared
+# memory at d128 bf16, so two CTAs can share an SM; split the key range like the Triton kernel.
+_MOSAIC_DECODE_TUNING = {
+    "default": MosaicDecodeTuning(block_keys=64, num_stages=3, target_programs=1024,
+                                  min_pages_per_split=8),
+}
+_INTERPRET_MOSAIC_DECODE = MosaicDecodeTuning(block_keys=64, num_stages=2, target_programs=1,
+                                              min_pages_per_split=1)
+# Hopper gives a CTA at most 227 KiB of shared memory; the ring shrinks until the CTA fits.
+_MOSAIC_SMEM_LIMIT = 227 * 1024
+KERNELS = ("triton", "mosaic")
 # Small enough for the CPU interpreter: fewer, smaller blocks keep the tests fast.
 _INTERPRET_DECODE = DecodeTuning(pages_per_block=2, target_programs=1, min_pages_per_split=1,
                                  num_warps=4, num_stages=1)
@@ -193,6 +218,58 @@ def _decode(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_wind
     return out[:, :, :g].reshape(t, h, d)
 
 
+def _mosaic_plan(q, k_cache, md, tuning, pages_per_block, num_splits):
+    """(pages_per_block, pages_per_split, num_splits, num_stages) for the Mosaic decode kernel, or
+    the reason it cannot run this shape (then the Triton kernel runs)."""
+    t, h, d = q.shape
+    hkv, _, page_size = k_cache.shape[1:4]
+    max_pages = md.block_tables.shape[1]
+    ppb = pages_per_block or max(1, tuning.block_keys // page_size)
+    why = mosaic_attention.unsupported_reason(dtype=k_cache.dtype, head_dim=d, group=h // hkv,
+                                              page_size=page_size, pages_per_block=ppb)
+    if why is not None:
+        return why
+    if num_splits is None:
+        want = -(-tuning.target_programs // max(1, t * hkv))
+        most = max(1, max_pages // max(tuning.min_pages_per_split, ppb))
+        num_splits = max(1, min(want, most))
+    # Splits own whole blocks, so a block never straddles two splits' tables; rounding up may
+    # leave fewer splits than asked.
+    pages_per_split = -(-max_pages // num_splits)
+    pages_per_split = -(-pages_per_split // ppb) * ppb
+    num_splits = -(-max_pages // pages_per_split)
+    stages = tuning.num_stages
+    while stages > 2 and _mosaic_smem(k_cache, d, ppb, pages_per_split, stages, num_splits) > \
+            _MOSAIC_SMEM_LIMIT:
+        stages -= 1
+    if _mosaic_smem(k_cache, d, ppb, pages_per_split, stages, num_splits) > _MOSAIC_SMEM_LIMIT:
+        return f"no {stages}-stage ring of {ppb * k_cache.shape[3]}-key blocks fits shared memory"
+    if mosaic_attention.table_layout(pages_per_split)[0] > 256:
+        return f"{pages_per_split} pages per split (more than one TMA copy of the table)"
+    return ppb, pages_per_split, num_splits, stages
+
+
+def _mosaic_smem(k_cache, d, ppb, pages_per_split, stages, num_splits):
+    rows, cols = mosaic_attention.table_layout(pages_per_split)
+    return mosaic_attention.smem_bytes(
+        head_dim=d, block_k=ppb * k_cache.shape[3], num_stages=stages,
+        itemsize=k_cache.dtype.itemsize, table_entries=rows * cols, multi_split=num_splits > 1)
+
+
+def _decode_mosaic(q, k_cache, v_cache, layer_arr, md, plan, *, scale, soft_cap, sliding_window,
+                   interpret):
+    ppb, pages_per_split, _, stages = plan
+    t, h, d = q.shape
+    hkv = k_cache.shape[1]
+    g = h // hkv
+    out = mosaic_attention.decode_call(
+        _group(q, hkv, -(-g // 8) * 8), k_cache, v_cache, layer_arr,   # TMA tiles of 8 rows
+        (md.positions + 1).astype(jnp.int32), md.block_tables[md.token_seq_ids],
+        scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, pages_per_block=ppb,
+        pages_per_split=pages_per_split, num_stages=stages, interpret=interpret)
+    return out[:, :, :g].reshape(t, h, d)
+
+
 def _prefill_items(md, num_tokens, block_q, sliding_window):
     """Split each sequence's query tokens into blocks of <= block_q.
 
@@ -255,21 +332,36 @@ def _prefill(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_win
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "soft_cap", "sliding_window", "max_query_len", "interpret",
+    "scale", "soft_cap", "sliding_window", "max_query_len", "interpret", "kernel",
     "pages_per_block", "num_splits", "block_q", "num_warps", "num_stages"))
 def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
                     soft_cap: float | None = None, sliding_window: int | None = None,
-                    max_query_len: int | None = None, interpret: bool = False, pages_per_block: int | None = None,
+                    max_query_len: int | None = None, interpret: bool = False,
+                    kernel: str = "triton", pages_per_block: int | None = None,
                     num_splits: int | None = None, block_q: int | None = None,
                     num_warps: int | None = None, num_stages: int | None = None):
     """Ragged paged attention, q [T, H, D] -> [T, H, D]; same semantics as ``paged_attention_xla``.
 
     Static keywords: ``max_query_len`` (1 = decode-only batch -> decode kernel), ``interpret``
-    (CPU interpret mode, for tests), and tuning
-    overrides (``pages_per_block``, ``num_splits`` for decode, ``block_q`` for prefill,
-    ``num_warps``, ``num_stages``); ``None`` takes the per-GPU table in this module.
+    (CPU interpret mode, for tests), ``kernel`` (``"triton"`` or ``"mosaic"``: the decode kernel's
+    lowering, see the module docstring), and tuning overrides (``pages_per_block``,
+    ``num_splits`` for decode, ``block_q`` for prefill, ``num_warps``, ``num_stages``, which for
+    the Mosaic kernel is the depth of its K/V ring); ``None`` takes the per-GPU table here.
     """
     _validate(q, k_cache, v_cache, layer, md, soft_cap, sliding_window, max_query_len)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "mosaic":
+        if num_stages is not None and num_stages < 2:
+            raise ValueError(f"num_stages must be >= 2 for kernel='mosaic' (a ring of K/V "
+                             f"blocks), got {num_stages}")
+        block_keys = (pages_per_block or 0) * k_cache.shape[3]
+        if pages_per_block is not None and (block_keys % mosaic_attention.BLOCK_KEYS_MULTIPLE
+                                            or block_keys > mosaic_attention.MAX_BLOCK_KEYS):
+            raise ValueError(
+                f"kernel='mosaic' needs pages_per_block * page_size to be a multiple of "
+                f"{mosaic_attention.BLOCK_KEYS_MULTIPLE} and at most "
+                f"{mosaic_attention.MAX_BLOCK_KEYS}, got {pages_per_block} x {k_cache.shape[3]}")
     for name, val in (("pages_per_block", pages_per_block), ("block_q", block_q)):
         if val is not None and not _is_pow2(val):
             raise ValueError(f"{name} must be a power of two, got {val}")
@@ -278,6 +370,15 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     decode = max_query_len == 1
     kind = "interpret" if interpret else _device_kind()
+    if decode and kernel == "mosaic":
+        tuning = _INTERPRET_MOSAIC_DECODE if interpret else _lookup(_MOSAIC_DECODE_TUNING, kind)
+        tuning = _override(tuning, num_stages=num_stages)
+        plan = _mosaic_plan(q, k_cache, md, tuning, pages_per_block, num_splits)
+        if not isinstance(plan, str):
+            return _decode_mosaic(q, k_cache, v_cache, layer_arr, md, plan, scale=scale,
+                                  soft_cap=soft_cap, sliding_window=sliding_window,
+                                  interpret=interpret)
+        # An unsupported shape (e.g. fp32): the Triton decode kernel below runs it.
     if decode:
         tuning = _INTERPRET_DECODE if interpret else _lookup(_DECODE_TUNING, kind)
         tuning = _override(tuning, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
