@@ -1,11 +1,12 @@
 """Attention-kernel benchmark on one GPU: correctness vs the jnp reference, then speed, in one run.
 
     PYTHONPATH=$PWD python benchmarks/kernels.py --out results.json [--plot results.png]
-        [--quick] [--budget-s 420] [--commit HASH] [--tune]
+        [--quick] [--budget-s 420] [--commit HASH] [--tune] [--decode-only]
 
 Decode: effective bandwidth = (KV bytes read + q + out bytes) / time, next to a device-to-device
 copy measured in the same process, for batch x context (issue 4's matrix: 32 q heads, 8 kv heads,
-head dim 128, bf16, page 16). Side by side: our Pallas kernel, JAX's own
+head dim 128, bf16, page 16). Side by side: our Pallas kernels (the Triton-lowered default and the
+Mosaic GPU one, ``kernel="mosaic"``, Hopper only), JAX's own
 ``jax.experimental.pallas.ops.gpu.paged_attention`` (its layout [Hkv, P, page, D] per layer), and
 the XLA gather path (``model_zoo.attention.paged_attention_xla``, only where its gathered copy fits).
 Prefill: causal attention TFLOP/s for 2k-8k-token chunks against a dense bf16 matmul.
@@ -31,11 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from model_zoo.attention import AttentionMetadata, paged_attention_xla
+from pallas_kernels import mosaic_attention
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.reference import paged_attention_reference
 from pallas_kernels.testing import make_batch
 
 H, HKV, D, PAGE = 32, 8, 128, 16
+DECODE_IMPLS = ("pallas_triton", "pallas_mosaic", "jax_pallas_paged", "xla_gather")
 BATCHES = (1, 8, 32, 64, 128, 256)
 CONTEXTS = (512, 1024, 2048, 4096, 8192, 32768)
 START = time.time()
@@ -153,6 +156,13 @@ def correctness(results):
             ref = paged_attention_reference(*args, scale=d ** -0.5, **kw)
             n = len(b.positions) - n_pad
             impls = {"pallas_triton": functools.partial(paged_attention, max_query_len=mql)}
+            # The Mosaic kernel is decode-only; where it does not support a shape the dispatcher
+            # runs Triton, which must not be reported under its name.
+            if mql == 1 and mosaic_attention.unsupported_reason(
+                    dtype=dtype, head_dim=d, group=g, page_size=page,
+                    pages_per_block=max(1, 64 // page)) is None:
+                impls["pallas_mosaic"] = functools.partial(paged_attention, max_query_len=1,
+                                                           kernel="mosaic")
             for impl, fn in impls.items():
                 try:
                     err = rel_err(fn(*args, scale=d ** -0.5, **kw)[:n], ref[:n])
@@ -197,6 +207,9 @@ def bench_decode(batch, ctx, copy_bw, tune, budget):
 
     ours = jax.jit(functools.partial(paged_attention, scale=scale, max_query_len=1))
     run("pallas_triton", lambda q, k, v, md: ours(q, k, v, jnp.int32(0), md))
+    mosaic = jax.jit(functools.partial(paged_attention, scale=scale, max_query_len=1,
+                                       kernel="mosaic"))
+    run("pallas_mosaic", lambda q, k, v, md: mosaic(q, k, v, jnp.int32(0), md))
     if tune:
         max_pages = ctx // PAGE
         for ppb, nw, ns in ((4, 4, 1), (4, 4, 2), (4, 4, 3), (8, 4, 1), (8, 4, 2), (8, 4, 3),
@@ -208,17 +221,27 @@ def bench_decode(batch, ctx, copy_bw, tune, budget):
                                               num_splits=splits))
                 run(f"tune_ppb{ppb}_w{nw}_s{ns}_t{target}_splits{splits}",
                     lambda q, k, v, md, f=f: f(q, k, v, jnp.int32(0), md))
-        best = max((n for n in row if n.startswith("tune") and "tb_s" in row[n]),
-                   key=lambda n: row[n]["tb_s"], default=None)
-        if best:
-            log(f"  best variant {best}: {row[best]['tb_s']:.2f} TB/s")
+        # Mosaic ring: 64- or 128-key blocks, 2-4 stages, the same split targets.
+        for ppb, ns in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)):
+            for target in (1024, 4096):
+                splits = max(1, min(-(-target // (batch * HKV)), max_pages // max(8, ppb)))
+                f = jax.jit(functools.partial(paged_attention, scale=scale, max_query_len=1,
+                                              kernel="mosaic", pages_per_block=ppb,
+                                              num_stages=ns, num_splits=splits))
+                run(f"tune_mosaic_ppb{ppb}_s{ns}_t{target}_splits{splits}",
+                    lambda q, k, v, md, f=f: f(q, k, v, jnp.int32(0), md))
+        for prefix in ("tune_ppb", "tune_mosaic"):
+            best = max((n for n in row if n.startswith(prefix) and "tb_s" in row[n]),
+                       key=lambda n: row[n]["tb_s"], default=None)
+            if best:
+                log(f"  best variant {best}: {row[best]['tb_s']:.2f} TB/s")
     theirs = jax.jit(functools.partial(jax_paged, k_splits=min(16, ctx // PAGE // 2)))
     run("jax_pallas_paged", lambda q, k, v, md: theirs(q, k, v, md))
     if batch * ctx <= 64 * 1024:
         xla = jax.jit(functools.partial(paged_attention_xla, scale=scale))
         run("xla_gather", lambda q, k, v, md: xla(q, k, v, jnp.int32(0), md))
     line = f"decode B={batch:4d} ctx={ctx:6d} "
-    for name in ("pallas_triton", "jax_pallas_paged", "xla_gather"):
+    for name in DECODE_IMPLS:
         if name in row and "tb_s" in row[name]:
             line += f"| {name} {row[name]['tb_s']:.2f} TB/s ({100 * row[name]['frac_copy']:.0f}%) "
         elif name in row:
@@ -271,8 +294,9 @@ def plot(report, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, impl in zip(axes, ("pallas_triton", "jax_pallas_paged")):
+    impls = ("pallas_triton", "pallas_mosaic", "jax_pallas_paged")
+    fig, axes = plt.subplots(1, len(impls), figsize=(6.5 * len(impls), 5))
+    for ax, impl in zip(axes, impls):
         for b in BATCHES:
             pts = [(r["context"], r[impl]["frac_copy"] * 100) for r in report["decode"]
                    if r["batch"] == b and "frac_copy" in r.get(impl, {})]
@@ -294,6 +318,7 @@ def main(argv=None):
     ap.add_argument("--plot")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep decode block sizes too")
+    ap.add_argument("--decode-only", action="store_true", help="skip the prefill chunks")
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args(argv)
@@ -322,16 +347,17 @@ def main(argv=None):
         report["decode"].append(bench_decode(b, c, report["copy_bytes_per_s"], tune,
                                              args.budget_s))
         save()
-    for chunk in (2048, 4096, 8192):
+    for chunk in () if args.decode_only else (2048, 4096, 8192):
         row = bench_prefill(chunk, report["matmul_flops"], args.budget_s + 60, args.tune)
         if row:
             report["prefill"].append(row)
             save()
-    print("\n| batch | context | pallas (TB/s, % copy) | jax pallas paged | xla gather |")
-    print("|---|---|---|---|---|")
+    print("\n| batch | context | pallas triton (TB/s, % copy) | pallas mosaic | jax pallas paged "
+          "| xla gather |")
+    print("|---|---|---|---|---|---|")
     for r in report["decode"]:
         cells = []
-        for name in ("pallas_triton", "jax_pallas_paged", "xla_gather"):
+        for name in DECODE_IMPLS:
             c = r.get(name)
             cells.append("-" if not c else (f"{c['tb_s']:.2f} ({100 * c['frac_copy']:.0f}%)"
                                             if "tb_s" in c else "error"))
