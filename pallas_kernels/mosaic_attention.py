@@ -1,9 +1,9 @@
 """Mosaic GPU (Hopper) paged-attention decode kernel: TMA page copies into a multi-stage SMEM ring.
 
 Layers 1 and 2 of DESIGN.md rule 7 (kernel body and ``plgpu.kernel`` wrapper); validation, tuning
-defaults and dispatch are in ``paged_attention.py`` (``kernel="mosaic"``). Same contract as
-``triton_attention.decode_pallas_call``, except that the block tables arrive per key split (see
-``decode_call``).
+defaults and dispatch are in ``paged_attention.py`` (``kernel="mosaic"``). ``decode_call`` has
+the contract of ``triton_attention.decode_pallas_call`` (grouped q, whole caches, traced layer,
+kv_lens, per-token block tables), with the key split given as ``pages_per_split``.
 
 Why: the Triton decode kernel loads each K/V block with no software pipelining (``num_stages=1``
 was its best configuration) and reaches 30-70% of the copy bandwidth. Here every CTA (one
@@ -22,11 +22,11 @@ sharing a kv head, padded to a multiple of 8 rows in HBM) is copied into rows 0.
 ``[64, D]`` SMEM tile, and a block holds a multiple of 64 keys. The padded rows cost tensor-core
 time only; decode is bandwidth-bound.
 
-Cache layout: the caller passes the caches flattened to ``[L * Hkv * P, page, D]`` (a free
-reshape of the contiguous ``[L, Hkv, P, page, D]`` array, not a copy); the kernel indexes page
-``(layer * Hkv + kv_head) * P + page_id`` with the traced layer, so one executable serves every
-layer of the model's scan, and each TMA descriptor is 3-D (TMA allows at most 5 dimensions after
-tiling).
+Cache layout: the wrapper flattens the caches to ``[L * Hkv * P, page, D]`` (a free reshape of
+the contiguous ``[L, Hkv, P, page, D]`` array, not a copy, unlike slicing a layer out); the kernel
+indexes page ``(layer * Hkv + kv_head) * P + page_id`` with the traced layer, so one executable
+serves every layer of the model's scan, and each TMA descriptor stays 3-D (TMA allows at most 5
+dimensions after tiling).
 
 Masking: a block covers keys ``[split_lo + b * block_k, ... + block_k)``; keys outside the visible
 range ``[lo, hi)`` (beyond ``kv_len``, before the sliding window, or in zero-padded table entries,
@@ -35,8 +35,10 @@ Blocks are aligned to the split start and the loop covers only blocks holding a 
 every processed block has one and no row ever normalises over masked keys alone.
 
 Interpret mode: ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on the CPU
-(``InterpretGPUParams``, uninitialised SMEM and outputs filled with NaN, out-of-bounds reads
-raise), which simulates SMEM, TMA copies, barriers and wgmma.
+(``InterpretGPUParams``: uninitialised SMEM and outputs filled with NaN, out-of-bounds reads
+raise), which simulates SMEM, the TMA copies and the barriers. Two substitutions there, both
+no-ops for the values: the matmuls run as jnp.dot on the same SMEM tiles, and ``layout_cast`` is
+skipped (see ``_decode_body``).
 """
 
 from __future__ import annotations

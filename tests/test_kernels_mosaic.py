@@ -1,9 +1,10 @@
 """The Mosaic GPU (Hopper) decode kernel vs the pure-jnp reference, in Mosaic GPU interpret mode.
 
-``paged_attention(..., kernel="mosaic", interpret=True)`` runs ``pallas_kernels/mosaic_attention.py``
-in Mosaic GPU's CPU interpreter, which simulates SMEM, the TMA page copies, the ring's barriers
-and the output copies (the two matmuls run as jnp.dot on the same SMEM tiles: the 0.10.2
-interpreter cannot run wgmma with a transposed B or an A in registers). The interpreter fills
+``paged_attention(..., kernel="mosaic", interpret=True)`` runs the kernel of
+``pallas_kernels/mosaic_attention.py`` in Mosaic GPU's CPU interpreter, which simulates SMEM, the
+TMA page copies, the ring's barriers and the output copies (the two matmuls run as jnp.dot on the
+same SMEM tiles: the 0.10.2 interpreter cannot run wgmma with a transposed B or an A in
+registers). The interpreter fills
 every output buffer and SMEM scratch with NaN before the kernel runs and raises on out-of-bounds
 reads; cache slots no valid key occupies hold large random values (pallas_kernels/testing.py), so
 an unwritten output or a masked slot that leaks into the softmax fails the comparison.
@@ -150,9 +151,9 @@ def test_validation_errors():
             pages_per_block=4, pages_per_split=4, num_stages=2, interpret=True)
 
 
-@pytest.mark.parametrize("pages_per_split,opts", [
-    (64, {}), (16, {"soft_cap": 30.0, "sliding_window": 100})])
-def test_lowers_for_cuda(pages_per_split, opts):
+@pytest.mark.parametrize("pages_per_split,soft_cap,sliding_window", [
+    (64, None, None), (16, 30.0, 100)])
+def test_lowers_for_cuda(pages_per_split, soft_cap, sliding_window):
     # Lowering to Mosaic GPU runs here without a GPU: it checks TMA shapes (<= 256 per box
     # dimension, 128-byte multiples), wgmma operand shapes and swizzles, and register layouts.
     # Compiling to PTX and running happen on the GPU only.
@@ -163,6 +164,7 @@ def test_lowers_for_cuda(pages_per_split, opts):
             jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((t,), jnp.int32),
             jax.ShapeDtypeStruct((t, pages), jnp.int32))
     fn = jax.jit(lambda *a: mosaic_attention.decode_call(
-        *a, scale=d ** -0.5, pages_per_block=4, pages_per_split=pages_per_split, num_stages=3, interpret=False, **{"soft_cap": None, "sliding_window": None, **opts}))
+        *a, scale=d ** -0.5, soft_cap=soft_cap, sliding_window=sliding_window, pages_per_block=4,
+        pages_per_split=pages_per_split, num_stages=3, interpret=False))
     text = export.export(fn, platforms=["cuda"])(*args).mlir_module()
     assert "mosaic_gpu" in text
