@@ -12,7 +12,9 @@ from typing import Optional
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")
 SCHEDULING_POLICIES = ("fcfs", "priority")
-ATTENTION_BACKENDS = ("pallas", "xla")
+# "pallas-mosaic": decode steps on the Mosaic GPU (Hopper) decode kernel, everything else on the
+# Triton-lowered Pallas kernels ("pallas"); shapes the Mosaic kernel does not take fall back too.
+ATTENTION_BACKENDS = ("pallas", "pallas-mosaic", "xla")
 
 
 def _parse_ladder(spec, name: str) -> Optional[tuple[int, ...]]:

@@ -55,10 +55,13 @@ def _attention_fn(backend: str | None, platform: str):
         return "xla", paged_attention_xla
     from pallas_kernels import paged_attention
 
+    fn = paged_attention
+    if backend == "pallas-mosaic":
+        fn = functools.partial(fn, kernel="mosaic")
     if platform == "cpu":
         # No GPU: the same kernels in Pallas' interpreter (slow; for tests and debugging).
-        return "pallas", functools.partial(paged_attention, interpret=True)
-    return "pallas", paged_attention
+        fn = functools.partial(fn, interpret=True)
+    return backend, fn
 
 
 def default_sampling_from_generation_config(gen: dict) -> dict:
@@ -148,7 +151,7 @@ def build_engine_parts(args: EngineArgs) -> dict:
     runner = ModelRunner(model, num_pages=kv_plan.num_pages, page_size=kv_plan.page_size,
                          max_model_len=max_model_len, max_num_seqs=max_num_seqs, ladder=ladder,
                          kv_cache=kv_cache, max_logprobs=args.max_logprobs, seed=args.seed,
-                         eos_token_ids=eos, layout=layout, decode_buckets=attn_name == "pallas")
+                         eos_token_ids=eos, layout=layout, decode_buckets=attn_name.startswith("pallas"))
     runner.compile_all()
     if jax.process_count() > 1 and jax.process_index() == 0:
         from sharding.multihost import BroadcastingRunner

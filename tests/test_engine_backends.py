@@ -36,3 +36,22 @@ def test_pallas_backend_matches_xla(model_dir):
     runner = pallas_llm.engine.runner
     assert any(shape[:2] == (2, 1) and shape[3] and shape[4] for shape in runner.all_shapes())
     assert [_greedy(pallas_llm, [p])[0] for p in prompts[:2]] == xla[:2]
+
+
+def test_pallas_mosaic_backend_matches_pallas_in_bf16(model_dir, monkeypatch):
+    """attention_backend="pallas-mosaic": decode steps on the Mosaic GPU kernel (interpreted on the
+    CPU), prefill on the Triton one; bf16 (the Mosaic kernel takes no fp32) greedy tokens equal the
+    Triton-only backend's, and the Mosaic kernel really is in the decode executables."""
+    from pallas_kernels import mosaic_attention
+
+    traced = []
+    real = mosaic_attention.decode_call
+    monkeypatch.setattr(mosaic_attention, "decode_call", lambda *a, **k: traced.append(1) or real(*a, **k))
+    rng = np.random.RandomState(1)
+    prompts = [rng.randint(0, 256, size=n).tolist() for n in (1, 17, 33)]
+    bf16 = {**ENGINE, "dtype": "bfloat16", "token_buckets": [32], "seq_buckets": [4]}
+    triton = _greedy(LLM(model_dir, attention_backend="pallas", **bf16), prompts)
+    assert not traced
+    mosaic_llm = LLM(model_dir, attention_backend="pallas-mosaic", **bf16)
+    assert traced and mosaic_llm.engine.runner.decode_buckets
+    assert _greedy(mosaic_llm, prompts) == triton
