@@ -13,6 +13,9 @@
 #                    of "live" parameters) over its ~44 GB limit and runs rematerialisation, which re-computes
 #                    small fusions per layer ("*_remat" kernels, e.g. loop_pad_fusion_31_remat 32 x 7 us at
 #                    batch 64); a limit it cannot exceed should remove them: -0.1..-0.3 ms a step.
+#   C-mosaic         decode attention on the Mosaic GPU kernel (TMA ring; never run on a GPU before: check
+#                    benchmarks/kernels.py's pallas_mosaic correctness rows first): the Triton kernel takes
+#                    71 us a layer at batch 64 x ctx 512 (~31% of copy); at 80% of copy, ~28 us: -1.4 ms a step.
 # For tensor parallelism (TP2 on H200: 67 all-reduces of 16 KB cost ~3 ms of a 5.8 ms device step,
 # 45-80 us each; results/2026-11-21-h200-decode-profile-tp2*.json), $TP_VARIANTS below.
 set -uo pipefail
@@ -21,7 +24,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} JAXLLM_COMM
 export JAXLLM_COMPILATION_CACHE=${JAXLLM_COMPILATION_CACHE:-off}
 BASE=${BASE:---batch 1,64}
 DEFAULT_VARIANTS="A-control||
-B-noremat|--xla_gpu_memory_limit_slop_factor=400|"
+B-noremat|--xla_gpu_memory_limit_slop_factor=400|
+C-mosaic||--attention-backend pallas-mosaic"
 TP_VARIANTS="tp2-A-control||
 tp2-B-noremat|--xla_gpu_memory_limit_slop_factor=400|
 tp2-C-nccl-symmetric|--xla_gpu_experimental_enable_nccl_symmetric_buffers=true|
