@@ -16,6 +16,8 @@
 #   C-mosaic         decode attention on the Mosaic GPU kernel (TMA ring; never run on a GPU before: check
 #                    benchmarks/kernels.py's pallas_mosaic correctness rows first): the Triton kernel takes
 #                    71 us a layer at batch 64 x ctx 512 (~31% of copy); at 80% of copy, ~28 us: -1.4 ms a step.
+# (No NCCL symmetric-memory variant: the GPU hosts keep NVLink multicast off, NCCL_NVLS_ENABLE=0,
+# because a program using it can take the shared GPUs out of service; leave those settings alone.)
 # For tensor parallelism (TP2 on H200: 67 all-reduces of 16 KB cost ~3 ms of a 5.8 ms device step,
 # 45-80 us each; results/2026-11-21-h200-decode-profile-tp2*.json), $TP_VARIANTS below.
 set -uo pipefail
@@ -28,7 +30,6 @@ B-noremat|--xla_gpu_memory_limit_slop_factor=400|
 C-mosaic||--attention-backend pallas-mosaic"
 TP_VARIANTS="tp2-A-control||
 tp2-B-noremat|--xla_gpu_memory_limit_slop_factor=400|
-tp2-C-nccl-symmetric|--xla_gpu_experimental_enable_nccl_symmetric_buffers=true|
 tp2-D-no-ar-kernel|--xla_gpu_allow_all_reduce_kernel=false|"
 VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
 GUARD_S=${GUARD_S:-200}
