@@ -8,14 +8,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from serving.outputs import RequestOutput
 from serving.server import prepare as prep
 from serving.server.completions import start_jobs
-from serving.server.errors import APIError, from_exception
+from serving.server.errors import APIError
 from serving.server.formatting import chat_logprobs, usage
 from serving.server.metrics import RequestTracker
 from serving.server.protocol import ChatCompletionRequest
-from serving.server.streaming import sse, terminated_sse
+from serving.server.streaming import final_outputs, sse, terminated_sse
 
 
 def prepare_chat(state: prep.ServingState, req: ChatCompletionRequest):
@@ -66,7 +65,7 @@ async def create_chat_completion(state: prep.ServingState, req: ChatCompletionRe
     role = state.args.response_role
     trackers = [RequestTracker(state.metrics)]
     outputs = await start_jobs(state, raw, stem, [(prompt_text, ids)], [params], priority=req.priority,
-                               cache_salt=req.cache_salt, trackers=trackers)
+                               cache_salt=req.cache_salt, trackers=trackers, stream=req.stream)
     num_top = req.top_logprobs or 0
     echo = _echo_prefix(req, role)
     tok = state.tokenizer
@@ -78,12 +77,7 @@ async def create_chat_completion(state: prep.ServingState, req: ChatCompletionRe
                          continuous, tok, num_top)
         return StreamingResponse(terminated_sse(events), media_type="text/event-stream")
 
-    final: RequestOutput | None = None
-    try:
-        async for _, output in outputs:
-            final = output
-    except Exception as exc:
-        raise from_exception(exc) from exc
+    [final] = await final_outputs(outputs, 1)
     choices = []
     for c in final.outputs:
         logprobs = None
@@ -100,8 +94,8 @@ async def create_chat_completion(state: prep.ServingState, req: ChatCompletionRe
 
 async def _stream(req: ChatCompletionRequest, outputs, num_prompt: int, response_id: str, created: int, model: str,
                   role: str, echo: str, include_usage: bool, continuous: bool, tok, num_top: int):
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}
+    """SSE chunks from DELTA outputs: each output's new text, tokens and logprobs are a chunk as they are."""
+    started: set[int] = set()
     done: set[int] = set()
     generated = 0
 
@@ -113,28 +107,27 @@ async def _stream(req: ChatCompletionRequest, outputs, num_prompt: int, response
         return body
 
     async for _, output in outputs:
-        generated = sum(len(c.token_ids) for c in output.outputs)
+        generated += sum(len(c.token_ids) for c in output.outputs)
         for c in output.outputs:
             i = c.index
             if i in done:
                 continue
-            if i not in sent_text:
+            if i not in started:
                 # The first chunk of each choice carries the role (and the echoed text), as OpenAI's does.
-                sent_text[i], sent_tokens[i] = 0, 0
+                started.add(i)
                 first = {"index": i, "delta": {"role": role, "content": echo}, "logprobs": None,
                          "finish_reason": None}
                 yield sse(chunk([first], continuous))
-            delta = c.text[sent_text[i]:]
-            new_ids = c.token_ids[sent_tokens[i]:]
+            delta, new_ids = c.text, c.token_ids
             finished = c.finish_reason is not None
             if not delta and not new_ids and not finished:
                 continue
             logprobs = None
             if req.logprobs and new_ids:
-                positions = list((c.logprobs or [])[sent_tokens[i]:])
-                positions += [None] * (len(new_ids) - len(positions))
+                positions = c.logprobs or []
+                if len(positions) < len(new_ids):
+                    positions = list(positions) + [None] * (len(new_ids) - len(positions))
                 logprobs = chat_logprobs(tok, new_ids, positions, num_top)
-            sent_text[i], sent_tokens[i] = len(c.text), len(c.token_ids)
             if finished:
                 done.add(i)
             body = {"index": i, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,

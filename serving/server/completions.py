@@ -15,36 +15,39 @@ from serving.server.errors import APIError, from_exception
 from serving.server.formatting import completion_logprobs, usage
 from serving.server.metrics import RequestTracker
 from serving.server.protocol import CompletionRequest
-from serving.server.streaming import merged_outputs, sse, terminated_sse
+from serving.server.streaming import final_outputs, merged_outputs, output_kind, sse, terminated_sse
 
 logger = logging.getLogger("serving.server")
 
 
 class _Choice:
-    """Streaming cursor of one choice: how much text, how many tokens and logprob positions were sent."""
-    __slots__ = ("text_len", "num_tokens", "offset", "started", "done")
+    """Streaming state of one choice: the text offset its logprobs reached, whether it has begun, ended."""
+    __slots__ = ("offset", "started", "done")
 
     def __init__(self):
-        self.text_len = 0
-        self.num_tokens = 0
         self.offset = 0
         self.started = False
         self.done = False
 
 
 async def start_jobs(state: prep.ServingState, raw: Request, stem: str, prompts, params_list, *,
-                     priority: int, cache_salt: Optional[str], trackers):
+                     priority: int, cache_salt: Optional[str], trackers, stream: bool):
     """Start the engine streams and wait for their first output, so that input errors the engine
-    raises before yielding become a proper 400 response instead of a failed 200 stream."""
+    raises before yielding become a proper 400 response instead of a failed 200 stream.
+
+    The outputs are deltas (see streaming.output_kind): a stream's since the previous output, a whole
+    response's one final output (or, under a bounded queue, deltas to add up with OutputAccumulator).
+    """
     engine = state.engine
+    lifecycle = state.lifecycle
+    kind = output_kind(stream, lifecycle is not None and lifecycle.max_queued is not None)
     jobs = []
     for i, ((_, ids), params) in enumerate(zip(prompts, params_list)):
         rid = f"{stem}-{i}"
         if not state.args.disable_log_requests:
             logger.info("Received request %s: %d prompt tokens, %s", rid, len(ids), params)
         jobs.append((rid, lambda ids=ids, params=params, rid=rid: engine.generate(
-            ids, params, rid, priority=priority, cache_salt=cache_salt)))
-    lifecycle = state.lifecycle
+            ids, params, rid, priority=priority, cache_salt=cache_salt, output_kind=kind)))
     if lifecycle is None:
         stream = merged_outputs(engine, jobs, raw)
     else:
@@ -101,7 +104,7 @@ async def create_completion(state: prep.ServingState, req: CompletionRequest, ra
     created = int(time.time())
     trackers = [RequestTracker(state.metrics) for _ in prompts]
     outputs = await start_jobs(state, raw, stem, prompts, params_list, priority=req.priority,
-                               cache_salt=req.cache_salt, trackers=trackers)
+                               cache_salt=req.cache_salt, trackers=trackers, stream=req.stream)
     tok = state.tokenizer
     num_top = req.logprobs
 
@@ -109,9 +112,9 @@ async def create_completion(state: prep.ServingState, req: CompletionRequest, ra
         text, ids = prompts[i]
         return text if text is not None else tok.decode(ids, skip_special_tokens=False)
 
-    def echo_logprobs(i: int, output: RequestOutput):
+    def echo_logprobs(i: int, prompt_logprobs):
         ids = prompts[i][1]
-        positions = list(output.prompt_logprobs or [None] * len(ids))
+        positions = list(prompt_logprobs or [None] * len(ids))
         positions += [None] * (len(ids) - len(positions))
         return ids, positions[:len(ids)]
 
@@ -122,12 +125,7 @@ async def create_completion(state: prep.ServingState, req: CompletionRequest, ra
                          include_usage, continuous, tok)
         return StreamingResponse(terminated_sse(events), media_type="text/event-stream")
 
-    final: dict[int, RequestOutput] = {}
-    try:
-        async for index, output in outputs:
-            final[index] = output
-    except Exception as exc:
-        raise from_exception(exc) from exc
+    final = await final_outputs(outputs, len(prompts))
     choices = []
     num_generated = 0
     for i in range(len(prompts)):
@@ -141,7 +139,7 @@ async def create_completion(state: prep.ServingState, req: CompletionRequest, ra
             if num_top is not None:
                 ids, positions = [], []
                 if req.echo:
-                    ids, positions = echo_logprobs(i, output)
+                    ids, positions = echo_logprobs(i, output.prompt_logprobs)
                 ids = list(ids) + list(c.token_ids)
                 positions = list(positions) + list(c.logprobs or [None] * len(c.token_ids))
                 logprobs, _ = completion_logprobs(tok, ids, positions, num_top, offset)
@@ -174,10 +172,15 @@ def _prompt_logprobs_json(output: RequestOutput, tok):
 
 async def _stream(req: CompletionRequest, outputs, prompts, response_id: str, created: int, model: str,
                   echo_text, echo_logprobs, num_top: Optional[int], include_usage: bool, continuous: bool, tok):
+    """SSE chunks from DELTA outputs: each output's new text, tokens and logprobs are a chunk as they are."""
     n = req.n
     cursors: dict[int, _Choice] = {}
     generated = [0] * len(prompts)
     num_prompt = sum(len(ids) for _, ids in prompts)
+    # Echo with logprobs: the prompt's logprobs come with the prefill's chunks, a DELTA output carrying
+    # the positions computed since the previous one. The echo waits until they cover the prompt (at the
+    # latest, the choice's first token), so that it never shows a position without its logprob.
+    echo_positions = [[] for _ in prompts] if req.echo and num_top is not None else None
 
     def chunk(choices, with_usage: bool) -> dict:
         body = {"id": response_id, "object": "text_completion", "created": created, "model": model,
@@ -187,29 +190,34 @@ async def _stream(req: CompletionRequest, outputs, prompts, response_id: str, cr
         return body
 
     async for i, output in outputs:
-        generated[i] = sum(len(c.token_ids) for c in output.outputs)
+        generated[i] += sum(len(c.token_ids) for c in output.outputs)
+        if echo_positions is not None and output.prompt_logprobs:
+            echo_positions[i] += output.prompt_logprobs
         for c in output.outputs:
             index = i * n + c.index
-            cur = cursors.setdefault(index, _Choice())
-            if cur.done:
+            cur = cursors.get(index)
+            if cur is None:
+                cur = cursors[index] = _Choice()
+            elif cur.done:
                 continue
-            delta = c.text[cur.text_len:]
-            new_ids = c.token_ids[cur.num_tokens:]
-            ids, positions = list(new_ids), list((c.logprobs or [])[cur.num_tokens:])
-            if not cur.started and req.echo:
-                delta = echo_text(i) + delta
-                if num_top is not None:
-                    p_ids, p_pos = echo_logprobs(i, output)
-                    ids, positions = list(p_ids) + ids, list(p_pos) + positions
-            cur.started = True
+            delta, new_ids = c.text, c.token_ids
             finished = c.finish_reason is not None
+            ids, positions = new_ids, c.logprobs or []
+            if not cur.started and req.echo:
+                if echo_positions is not None:
+                    if not new_ids and not finished and len(echo_positions[i]) < len(prompts[i][1]):
+                        continue
+                    p_ids, p_pos = echo_logprobs(i, echo_positions[i])
+                    ids, positions = list(p_ids) + list(ids), list(p_pos) + list(positions)
+                delta = echo_text(i) + delta
+            cur.started = True
             if not delta and not new_ids and not finished:
                 continue
             logprobs = None
             if num_top is not None:
-                positions += [None] * (len(ids) - len(positions))
+                if len(positions) < len(ids):
+                    positions = list(positions) + [None] * (len(ids) - len(positions))
                 logprobs, cur.offset = completion_logprobs(tok, ids, positions, num_top, cur.offset)
-            cur.text_len, cur.num_tokens = len(c.text), len(c.token_ids)
             cur.done = finished
             choice = {"index": index, "text": delta, "logprobs": logprobs,
                       "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}

@@ -98,7 +98,8 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Follows one engine request's cumulative outputs and records its latencies when it finishes."""
+    """Follows one engine request's outputs and records its latencies when it finishes. The outputs are
+    deltas (DELTA: each step's new tokens; FINAL_ONLY: one output with all of them)."""
 
     def __init__(self, metrics: Optional[ServerMetrics]):
         self.metrics = metrics
@@ -112,18 +113,26 @@ class RequestTracker:
         if self.metrics is None or self.done:
             return
         now = time.time()
-        count = sum(len(c.token_ids) for c in output.outputs)
-        new = count - self.num_tokens
+        new = sum(len(c.token_ids) for c in output.outputs)
         if new > 0:
             label = self.metrics.model_name
             if self.first_token is None:
                 self.first_token = now
+                # More tokens than choices at once: a FINAL_ONLY output, the whole generation. Its
+                # inter-token gaps (one per token after each choice's first, as a stream records
+                # them) are spread evenly over the engine's first-to-last-token time.
+                gaps = new - len(output.outputs)
+                rm = output.metrics
+                if gaps > 0 and rm is not None and rm.first_token_time and rm.last_token_time:
+                    gap = max(0.0, rm.last_token_time - rm.first_token_time) / gaps
+                    for _ in range(gaps):
+                        self.metrics.itl.labels(label).observe(gap)
             elif self.last_token is not None:
                 gap = (now - self.last_token) / new
                 for _ in range(new):
                     self.metrics.itl.labels(label).observe(gap)
             self.last_token = now
-            self.num_tokens = count
+            self.num_tokens += new
         if output.finished:
             self._finish(output, now)
 

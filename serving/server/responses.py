@@ -14,7 +14,7 @@ from serving.server.completions import start_jobs
 from serving.server.errors import APIError, clip, from_exception
 from serving.server.metrics import RequestTracker
 from serving.server.protocol import ResponsesRequest
-from serving.server.streaming import sse
+from serving.server.streaming import OutputAccumulator, final_outputs, sse
 
 _TEXT_PART_TYPES = ("input_text", "output_text", "text")
 
@@ -95,7 +95,7 @@ async def create_response(state: prep.ServingState, req: ResponsesRequest, raw: 
     item_id = f"msg_{uuid.uuid4().hex}"
     created = int(time.time())
     outputs = await start_jobs(state, raw, stem, [(prompt_text, ids)], [params], priority=req.priority,
-                               cache_salt=None, trackers=[RequestTracker(state.metrics)])
+                               cache_salt=None, trackers=[RequestTracker(state.metrics)], stream=req.stream)
 
     def finish(output) -> dict:
         c = output.outputs[0]
@@ -105,12 +105,7 @@ async def create_response(state: prep.ServingState, req: ResponsesRequest, raw: 
                                 _usage(len(ids), len(c.token_ids), output.num_cached_tokens or 0), incomplete)
 
     if not req.stream:
-        final = None
-        try:
-            async for _, output in outputs:
-                final = output
-        except Exception as exc:
-            raise from_exception(exc) from exc
+        [final] = await final_outputs(outputs, 1)
         return JSONResponse(finish(final))
 
     async def events():
@@ -128,19 +123,19 @@ async def create_response(state: prep.ServingState, req: ResponsesRequest, raw: 
         yield event("response.output_item.added", output_index=0, item=_message_item(item_id, "", "in_progress"))
         yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
                     part={"type": "output_text", "text": "", "annotations": []})
-        sent, final = 0, None
+        total = OutputAccumulator()
         try:
-            async for _, output in outputs:
-                final = output
-                text = output.outputs[0].text
-                if len(text) > sent:
+            async for _, output in outputs:     # DELTA outputs: each one's text is the next delta
+                total.add(output)
+                delta = output.outputs[0].text
+                if delta:
                     yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-                                delta=text[sent:], logprobs=[])
-                    sent = len(text)
+                                delta=delta, logprobs=[])
         except Exception as exc:
             err = from_exception(exc)
             yield event("error", code=str(err.status), message=err.message, param=err.param)
             return
+        final = total.result()
         text = final.outputs[0].text
         yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text,
                     logprobs=[])

@@ -1,8 +1,9 @@
 """Consume engine streams for one HTTP request: merge several prompts, stop when the client leaves.
 
 One HTTP request may carry several prompts (a completions `prompt` list); each is one engine request
-whose `generate()` stream yields cumulative RequestOutputs. :func:`merged_outputs` runs one pump task
-per stream plus a watcher on the ASGI `receive` channel; whichever side ends first wins:
+whose `generate()` stream yields DELTA RequestOutputs (a stream) or one FINAL_ONLY output (a whole
+response): see :func:`output_kind`. :func:`merged_outputs` runs one pump task per stream plus a
+watcher on the ASGI `receive` channel; whichever side ends first wins:
 
     pump_0 ─┐
     pump_1 ─┼─> queue ─> caller           watcher (http.disconnect) ─> cancel pumps, abort requests
@@ -16,13 +17,14 @@ was still queued is dropped even if its generator never started.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from starlette.requests import Request
 
-from serving.outputs import RequestOutput
+from serving.outputs import RequestOutput, RequestOutputKind
 from serving.server.errors import error_body, from_exception
 
 _END = object()
@@ -30,6 +32,73 @@ _END = object()
 
 class ClientDisconnected(Exception):
     """The client went away before the response was complete."""
+
+
+def output_kind(stream: bool, bounded_queue: bool) -> RequestOutputKind:
+    """What the server asks the engine for. A stream gets DELTA outputs: each carries only the text,
+    tokens and logprobs new since the previous one, which is what an SSE chunk sends, so neither the
+    engine (full lists copied per step) nor the server (slicing them again) does per-step work that
+    grows with the output. A whole response gets FINAL_ONLY: no output is built until the request
+    finishes. Except under a bounded waiting queue (--max-queued-requests): a job leaves that queue
+    at its first output (serving/server/lifecycle.py), so it needs one per step, DELTA."""
+    if stream or bounded_queue:
+        return RequestOutputKind.DELTA
+    return RequestOutputKind.FINAL_ONLY
+
+
+class OutputAccumulator:
+    """Adds one engine request's DELTA outputs up to the RequestOutput it finished with (a FINAL_ONLY
+    output is a delta from nothing, so its one output adds up to itself): text, token ids, logprobs
+    and prompt logprobs append; finish and stop reasons, cumulative logprob, cached-token count and
+    metrics are cumulative in every kind, so the latest output's are kept."""
+
+    def __init__(self):
+        self.last: Optional[RequestOutput] = None
+        self.num_outputs = 0
+        self._texts: list[list[str]] = []          # per choice, its text pieces (joined once, at the end)
+        self._token_ids: list[list[int]] = []
+        self._logprobs: list[Optional[list]] = []
+        self._prompt_logprobs: Optional[list] = None
+
+    def add(self, output: RequestOutput) -> None:
+        if self.num_outputs == 1:
+            # A second output: start the running lists from the first (copies: ours to extend).
+            first = self.last.outputs
+            self._texts = [[c.text] for c in first]
+            self._token_ids = [list(c.token_ids) for c in first]
+            self._logprobs = [None if c.logprobs is None else list(c.logprobs) for c in first]
+            first_prompt = self.last.prompt_logprobs
+            self._prompt_logprobs = None if first_prompt is None else list(first_prompt)
+        if self.num_outputs:
+            for j, c in enumerate(output.outputs):
+                if c.text:
+                    self._texts[j].append(c.text)
+                self._token_ids[j] += c.token_ids
+                if c.logprobs:
+                    self._logprobs[j] += c.logprobs
+            if output.prompt_logprobs:
+                self._prompt_logprobs += output.prompt_logprobs
+        self.last = output
+        self.num_outputs += 1
+
+    def result(self) -> RequestOutput:
+        last = self.last
+        if self.num_outputs == 1:
+            return last
+        outputs = [dataclasses.replace(c, text="".join(self._texts[j]), token_ids=self._token_ids[j],
+                                       logprobs=self._logprobs[j]) for j, c in enumerate(last.outputs)]
+        return dataclasses.replace(last, outputs=outputs, prompt_logprobs=self._prompt_logprobs)
+
+
+async def final_outputs(outputs: AsyncIterator[tuple[int, RequestOutput]], num_jobs: int) -> list[RequestOutput]:
+    """A whole response's outputs: each job's added up; an engine failure raises as an APIError."""
+    totals = [OutputAccumulator() for _ in range(num_jobs)]
+    try:
+        async for index, output in outputs:
+            totals[index].add(output)
+    except Exception as exc:
+        raise from_exception(exc) from exc
+    return [total.result() for total in totals]
 
 
 async def _wait_for_disconnect(request: Request) -> None:

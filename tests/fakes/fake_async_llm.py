@@ -9,7 +9,13 @@ Logprobs: the chosen token has logprob -0.5 (rank 1); alternative r (r = 1..k) i
 value r places on, with logprob -0.5 - r (rank r + 1). Prompt logprobs: None, then -1.0 (rank 1).
 
 Stops follow SamplingParams (max_tokens -> "length"; stop strings and stop/EOS ids -> "stop"), so
-the server's formatting can be checked against numbers computed by hand.
+the server's formatting can be checked against numbers computed by hand. Like the engine's
+detokenizer, text that could still become a stop string is held back until it cannot (or the sample
+ends), so text once given out is never taken back.
+
+Outputs follow ``output_kind`` (serving.outputs.RequestOutputKind) as the engine's do: CUMULATIVE
+(everything so far, every step), DELTA (what each step added; prompt logprobs in the first output)
+or FINAL_ONLY (one output at the end). ``output_kinds`` records what each request asked for.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import AsyncIterator, Optional
 
 from serving.config import EngineArgs
 from serving.engine import EngineStats
-from serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, RequestOutputKind
 from serving.sampling_params import SamplingParams
 
 PAD, BOS, EOS = 0, 1, 2
@@ -66,6 +72,14 @@ class FakeTokenizer:
                                     continue_final_message=continue_final_message, tools=tools, **template_kwargs)
 
 
+def _held_back(text: str, stops) -> int:
+    """How many characters at the end of ``text`` could still be the start of a stop string."""
+    for n in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
+
+
 class FakeAsyncLLM:
     def __init__(self, *, max_model_len: int = 128, max_logprobs: int = 5, served_model_name: Optional[str] = None,
                  default_sampling: Optional[dict] = None, step_delay: float = 0.0):
@@ -83,6 +97,7 @@ class FakeAsyncLLM:
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.requests: list[tuple[list[int], SamplingParams, str, dict]] = []
+        self.output_kinds: dict[str, RequestOutputKind] = {}
         self.shut_down = False
 
     @classmethod
@@ -111,7 +126,10 @@ class FakeAsyncLLM:
         return out
 
     async def generate(self, prompt, sampling_params: SamplingParams, request_id: str, *, priority: int = 0,
-                       cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: Optional[str] = None,
+                       output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE) -> AsyncIterator[RequestOutput]:
+        if not isinstance(output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {output_kind!r}")
         params = sampling_params
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if len(ids) > self.max_model_len:
@@ -120,6 +138,7 @@ class FakeAsyncLLM:
             raise ValueError(f"max_tokens={params.max_tokens} is too large for a prompt of {len(ids)} tokens "
                              f"(max_model_len={self.max_model_len})")
         self.requests.append((ids, params, request_id, {"priority": priority, "cache_salt": cache_salt}))
+        self.output_kinds[request_id] = output_kind
         max_tokens = params.max_tokens or (self.max_model_len - len(ids))
         content = [t for t in ids if t >= _OFFSET] or [_OFFSET + ord("x")]
         stop_ids = params.all_stop_token_ids([EOS])
@@ -130,6 +149,7 @@ class FakeAsyncLLM:
                                    for t in ids[1:]]
         samples = [CompletionOutput(index=j, text="", token_ids=[],
                                     logprobs=[] if params.logprobs is not None else None) for j in range(params.n)]
+        sent = [(0, 0)] * params.n                     # DELTA: (text, tokens) earlier outputs carried
         self.running.add(request_id)
         self.stats.prompt_tokens += len(ids)
         step = 0
@@ -159,6 +179,8 @@ class FakeAsyncLLM:
                             s.finish_reason, s.stop_reason = "stop", stop
                     if s.finish_reason is None and len(s.token_ids) >= max_tokens:
                         s.finish_reason = "length"
+                    if s.finish_reason is None:
+                        text = text[:len(text) - _held_back(text, params.stop)]
                     s.text = text
                 step += 1
                 now = time.time()
@@ -169,13 +191,23 @@ class FakeAsyncLLM:
                     metrics.finished_time = now
                     self.running.discard(request_id)
                     self.finished.append(request_id)
+                if output_kind is RequestOutputKind.FINAL_ONLY and not finished:
+                    continue
+                if output_kind is RequestOutputKind.DELTA:
+                    outputs = [dataclasses.replace(s, text=s.text[t:], token_ids=s.token_ids[k:],
+                                                   logprobs=None if s.logprobs is None else s.logprobs[k:])
+                               for s, (t, k) in zip(samples, sent)]
+                    sent = [(len(s.text), len(s.token_ids)) for s in samples]
+                    prompt_out = None if prompt_lps is None else (prompt_lps if step == 1 else [])
+                else:
+                    outputs = [dataclasses.replace(s, token_ids=list(s.token_ids),
+                                                   logprobs=list(s.logprobs) if s.logprobs is not None else None)
+                               for s in samples]
+                    prompt_out = prompt_lps
                 yield RequestOutput(
                     request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
-                    prompt_token_ids=list(ids),
-                    outputs=[dataclasses.replace(s, token_ids=list(s.token_ids),
-                                                 logprobs=list(s.logprobs) if s.logprobs is not None else None)
-                             for s in samples],
-                    finished=finished, prompt_logprobs=prompt_lps, metrics=dataclasses.replace(metrics))
+                    prompt_token_ids=list(ids), outputs=outputs, finished=finished, prompt_logprobs=prompt_out,
+                    metrics=dataclasses.replace(metrics))
                 if finished:
                     return
         finally:
