@@ -14,8 +14,12 @@ are real), so nothing here depends on a device. Requests decode ``--output-len``
 (ignore_eos), so per-request costs that grow with the output (O(n^2) over a generation) show.
 
 Modes: ``offline`` is LLM.generate; ``served`` is AsyncLLM with an event loop consuming every
-request's outputs as the streaming server does (slice the new text, JSON-encode a chunk), whose
-work competes with the engine thread for the GIL; ``served-delta`` consumes DELTA outputs instead.
+request's cumulative outputs (slice the new text, JSON-encode a chunk: the streaming server's way
+until it asked for DELTA outputs), whose work competes with the engine thread for the GIL;
+``served-delta`` consumes DELTA outputs instead. ``http`` and ``http-whole`` run the real OpenAI
+server (serving/server) in-process over AsyncLLM, through httpx's ASGI transport (no sockets): one
+/v1/completions request per sequence, streamed (SSE chunks) or whole; the server's own code picks
+the output kind and builds every chunk.
 between_steps is the engine thread's time between two steps (LLM.generate's loop; AsyncLLM's inbox,
 and its hand-over of outputs to the event loop where that happens after the step); hand_over is
 AsyncLLM's hand-over where it happens inside the step, overlapping the device. With --device-us a
@@ -279,22 +283,11 @@ def run_served(engine, timer, *, batch: int, output_len: int, detokenize: bool, 
     """AsyncLLM's device thread stepping the engine while an event loop turns every output into
     an SSE chunk the way the streaming completions endpoint does: the text new since the last
     output (sliced from cumulative outputs, or a DELTA output as it is), JSON-encoded."""
-    from serving.async_llm import AsyncLLM
-
     kind = {}
     if delta:
         from serving.outputs import RequestOutputKind
         kind = {"output_kind": RequestOutputKind.DELTA}
-    _time_steps(engine, timer)
-    llm = AsyncLLM(engine)
-    if hasattr(llm, "_deliver"):          # handed over inside the step: timed on its own
-        deliver = llm._deliver
-
-        def timed_deliver(outputs):
-            t0 = _clock()
-            deliver(outputs)
-            timer["hand_over"] += _clock() - t0
-        llm._deliver = timed_deliver
+    llm = _async_llm(engine, timer)
     params = _params(output_len, detokenize, logprobs)
     created = int(time.time())
 
@@ -314,9 +307,16 @@ def run_served(engine, timer, *, batch: int, output_len: int, detokenize: bool, 
         assert sent_tokens == output_len, (sent_tokens, output_len)
         return chunks
 
+    return _consume_and_time(llm, timer, lambda: asyncio.gather(
+        *(consume(i, p) for i, p in enumerate(_prompts(engine.tokenizer, batch)))))
+
+
+def _consume_and_time(llm, timer: dict, consume_all) -> dict:
+    """Run ``consume_all()`` (a coroutine: each request's output or chunk count) on an event loop whose
+    thread's CPU time is the consumer's, then shut AsyncLLM down; the summary of the run."""
     async def main():
         try:
-            return await asyncio.gather(*(consume(i, p) for i, p in enumerate(_prompts(engine.tokenizer, batch))))
+            return await consume_all()
         finally:
             await llm.shutdown()
 
@@ -328,8 +328,66 @@ def run_served(engine, timer, *, batch: int, output_len: int, detokenize: bool, 
     return _summarise(timer, int(timer.pop("steps")), wall, sum(chunks))
 
 
+def _async_llm(engine, timer: dict):
+    """AsyncLLM over the engine, its steps counted and its hand-over of outputs timed."""
+    from serving.async_llm import AsyncLLM
+
+    _time_steps(engine, timer)
+    llm = AsyncLLM(engine)
+    if hasattr(llm, "_deliver"):          # handed over inside the step: timed on its own
+        deliver = llm._deliver
+
+        def timed_deliver(outputs):
+            t0 = _clock()
+            deliver(outputs)
+            timer["hand_over"] += _clock() - t0
+        llm._deliver = timed_deliver
+    return llm
+
+
+def run_http(engine, timer, *, batch: int, output_len: int, detokenize: bool, logprobs,
+             stream: bool = True) -> dict:
+    """The OpenAI server's /v1/completions (serving/server) over AsyncLLM, in-process through httpx's
+    ASGI transport: ``batch`` concurrent requests, streamed or whole, each checked for its token count."""
+    import httpx
+
+    from serving.server.app import build_app
+    from serving.server.args import ServerArgs
+
+    if not detokenize:
+        raise ValueError("the HTTP server always detokenizes")
+    llm = _async_llm(engine, timer)
+    app = build_app(llm, ServerArgs(disable_log_stats=True, disable_log_requests=True))
+    body = {"max_tokens": output_len, "ignore_eos": True, "temperature": 0.0, "stream": stream}
+    if logprobs is not None:
+        body["logprobs"] = logprobs
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+
+    async def request(client, prompt) -> int:
+        r = await client.post("/v1/completions", json={**body, "prompt": prompt["prompt_token_ids"]})
+        assert r.status_code == 200, r.text
+        if not stream:
+            assert r.json()["usage"]["completion_tokens"] == output_len
+            return 1
+        events = [e for e in r.text.split("\n\n") if e.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][len("data: "):])["usage"]["completion_tokens"] == output_len
+        return len(events) - 2
+
+    async def request_all():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://server", timeout=None) as client:
+            return await asyncio.gather(*(request(client, p) for p in _prompts(engine.tokenizer, batch)))
+
+    return _consume_and_time(llm, timer, request_all)
+
+
 MODES = {"offline": run_offline, "served": run_served,
-         "served-delta": functools.partial(run_served, delta=True)}
+         "served-delta": functools.partial(run_served, delta=True),
+         "http": run_http, "http-whole": functools.partial(run_http, stream=False)}
+# The HTTP server has no way to turn detokenizing off.
+_ALWAYS_DETOKENIZE = ("http", "http-whole")
 
 
 def _fmt_table(rows: list[dict]) -> str:
@@ -349,7 +407,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output-len", type=int, default=1024, help="tokens each request generates")
     ap.add_argument("--modes", default="offline,served",
                     help="offline (LLM.generate), served (AsyncLLM + a streaming consumer of cumulative "
-                         "outputs, as the server does), served-delta (the same consuming DELTA outputs)")
+                         "outputs), served-delta (the same consuming DELTA outputs), http (the OpenAI "
+                         "server's streamed /v1/completions, in-process), http-whole (its whole responses)")
     ap.add_argument("--logprobs-batch", type=int, default=64,
                     help="also run this batch with logprobs=5 (0: skip)")
     ap.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
@@ -383,7 +442,8 @@ def main(argv=None) -> int:
         except json.JSONDecodeError:
             engine_args[key] = value
     modes = a.modes.split(",")
-    runs = [(m, b, d, None) for m in modes for b in batches for d in (True, False)]
+    runs = [(m, b, d, None) for m in modes for b in batches for d in (True, False)
+            if d or m not in _ALWAYS_DETOKENIZE]
     if a.logprobs_batch:
         runs += [(m, a.logprobs_batch, True, 5) for m in modes]
     max_model_len = 64 + a.output_len
