@@ -393,6 +393,11 @@ class LLMEngine:
                     None if c.output.logprobs is None else list(c.output.logprobs),
                     c.output.finish_reason, c.output.stop_reason) for c in parent.children]
                 prompt_logprobs = parent.prompt_logprobs
+                if prompt_logprobs is not None and len(prompt_logprobs) < len(parent.prompt_token_ids):
+                    # Still growing (a chunked prefill): a snapshot, or a consumer on another
+                    # thread would see positions of later steps. Complete lists are never changed.
+                    prompt_logprobs = list(prompt_logprobs)
+            # metrics stays the live object (as vLLM's): its times are filled in as the request runs.
             results.append(RequestOutput(
                 request_id=parent.request_id, prompt=parent.prompt, prompt_token_ids=parent.prompt_token_ids,
                 outputs=completions, finished=finished, prompt_logprobs=prompt_logprobs,

@@ -126,6 +126,20 @@ def test_cumulative_outputs_are_snapshots_that_only_grow():
                     assert len(b.logprobs or b.token_ids) == len(b.token_ids)   # no later step leaked in
 
 
+def test_cumulative_prompt_logprobs_are_snapshots_under_chunked_prefill():
+    """A prompt prefilled over several steps: each CUMULATIVE output keeps the prompt logprobs it was
+    sent with (the engine's list grows later; a consumer on another thread must not see that)."""
+    engine = make_engine(max_num_batched_tokens=8)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=1),
+                       output_kind=RequestOutputKind.CUMULATIVE)
+    seen = []
+    while engine.has_unfinished_requests() or engine.scheduler.has_requests():
+        seen += [(out, len(out.prompt_logprobs)) for out in engine.step()]
+    assert [n for _, n in seen] == [len(out.prompt_logprobs) for out, _ in seen]
+    assert seen[-1][1] == len(seen[-1][0].prompt_token_ids)
+
+
 @pytest.mark.parametrize("include", [False, True])
 @pytest.mark.parametrize("kind", [RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA])
 def test_stop_string_truncates_the_text_and_finishes_the_request(kind, include):
