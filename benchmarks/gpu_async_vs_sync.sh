@@ -15,8 +15,8 @@ export JAXLLM_COMPILATION_CACHE=${JAXLLM_COMPILATION_CACHE:-/tmp/jaxllm-xla-cach
 P=(python benchmarks/gpu_profile.py --model "${MODEL:-llama-3.1-8b}" --dtype "${DTYPE:-bfloat16}"
    --attention-backend "${ATTN:-pallas}" --batch "${BATCH:-1,64}" --ctx "${CTX:-512}" --steps "${STEPS:-30}"
    --token-buckets "${TOKEN_BUCKETS:-512}" --max-model-len "${MAX_LEN:-2048}" --out "$OUT")
-timeout "${GUARD_S:-240}" "${P[@]}" --no-async-scheduling --tag "${TAG:-}sync" 2>&1 | grep -v "^\s*$" | tail -n 25
-timeout "${GUARD_S:-240}" "${P[@]}" --async-scheduling --tag "${TAG:-}async" 2>&1 | grep -v "^\s*$" | tail -n 25
+timeout "${GUARD_S:-300}" "${P[@]}" --no-async-scheduling --tag "${TAG:-}sync" 2>&1 | grep -v "^\s*$" | tail -n 25
+timeout "${GUARD_S:-300}" "${P[@]}" --async-scheduling --tag "${TAG:-}async" 2>&1 | grep -v "^\s*$" | tail -n 25
 python - "$OUT" "${TAG:-}" <<'PY'
 import glob, json, sys
 out, tag = sys.argv[1], sys.argv[2]
