@@ -190,6 +190,14 @@ def _group(q, hkv, padded_group):
     return qg
 
 
+def _default_num_splits(tuning, programs: int, max_pages: int, pages_per_block: int) -> int:
+    """Key-range splits for decode (both kernels): enough that token x kv_head x split reaches
+    ``tuning.target_programs``, but never below ``min_pages_per_split`` (or one block) per split."""
+    want = -(-tuning.target_programs // max(1, programs))
+    most = max(1, max_pages // max(tuning.min_pages_per_split, pages_per_block))
+    return max(1, min(want, most))
+
+
 def _decode(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_window, tuning,
             num_splits, interpret):
     t, h, d = q.shape
@@ -200,9 +208,7 @@ def _decode(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_wind
     ppb = _fit_pages_per_block(tuning.pages_per_block, k_cache.shape[3], d,
                                k_cache.dtype.itemsize, tuning.num_stages)
     if num_splits is None:
-        want = -(-tuning.target_programs // max(1, t * hkv))
-        most = max(1, max_pages // max(tuning.min_pages_per_split, ppb))
-        num_splits = max(1, min(want, most))
+        num_splits = _default_num_splits(tuning, t * hkv, max_pages, ppb)
     pages_per_split = -(-max_pages // num_splits)
     token_tables = md.block_tables[md.token_seq_ids]                   # [T, max_pages]
     # Zero (null page) padding: every split owns pages_per_split entries and the last inner
@@ -230,9 +236,7 @@ def _mosaic_plan(q, k_cache, md, tuning, pages_per_block, num_splits):
     if why is not None:
         return why
     if num_splits is None:
-        want = -(-tuning.target_programs // max(1, t * hkv))
-        most = max(1, max_pages // max(tuning.min_pages_per_split, ppb))
-        num_splits = max(1, min(want, most))
+        num_splits = _default_num_splits(tuning, t * hkv, max_pages, ppb)
     # Splits own whole blocks, so a block never straddles two splits' tables; rounding up may
     # leave fewer splits than asked.
     pages_per_split = -(-max_pages // num_splits)
