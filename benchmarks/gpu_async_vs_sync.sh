@@ -12,11 +12,12 @@ set -uo pipefail
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export JAXLLM_COMPILATION_CACHE=${JAXLLM_COMPILATION_CACHE:-/tmp/jaxllm-xla-cache}
-P=(python benchmarks/gpu_profile.py --model "${MODEL:-llama-3.1-8b}" --dtype "${DTYPE:-bfloat16}"
-   --attention-backend "${ATTN:-pallas}" --batch "${BATCH:-1,64}" --ctx "${CTX:-512}" --steps "${STEPS:-30}"
-   --token-buckets "${TOKEN_BUCKETS:-512}" --max-model-len "${MAX_LEN:-2048}" --out "$OUT")
-timeout "${GUARD_S:-300}" "${P[@]}" --no-async-scheduling --tag "${TAG:-}sync" 2>&1 | grep -v "^\s*$" | tail -n 25
-timeout "${GUARD_S:-300}" "${P[@]}" --async-scheduling --tag "${TAG:-}async" 2>&1 | grep -v "^\s*$" | tail -n 25
+# The two runs and their table: gpu_itl_variants.sh (later flags win, so BASE overrides its defaults).
+BASE="--model ${MODEL:-llama-3.1-8b} --dtype ${DTYPE:-bfloat16} --attention-backend ${ATTN:-pallas}
+      --batch ${BATCH:-1,64} --ctx ${CTX:-512} --steps ${STEPS:-30} --token-buckets ${TOKEN_BUCKETS:-512}
+      --max-model-len ${MAX_LEN:-2048}" GUARD_S=${GUARD_S:-300} \
+VARIANTS="${TAG:-}sync||--no-async-scheduling
+${TAG:-}async||--async-scheduling" bash benchmarks/gpu_itl_variants.sh
 python - "$OUT" "${TAG:-}" <<'PY'
 import glob, json, sys
 out, tag = sys.argv[1], sys.argv[2]
@@ -27,12 +28,8 @@ for mode in ("sync", "async"):
         runs[mode] = json.load(open(files[-1]))
 if len(runs) < 2:
     print(f"missing a run: have {sorted(runs)}"); open(f"{out}/async-decision.txt", "w").write("sync\n"); sys.exit(1)
-print(f"{'batch':>5} | {'sync step ms':>12} {'busy':>6} {'idle':>5} | {'async step ms':>13} {'busy':>6} {'idle':>5}")
-wins = []
-for s, a in zip(runs["sync"]["runs"], runs["async"]["runs"]):
-    print(f"{s['batch']:>5} | {s['step_ms_unprofiled_median']:>12.3f} {s['busy_ms_per_step']:>6.2f} {s['idle_fraction']:>5.0%}"
-          f" | {a['step_ms_unprofiled_median']:>13.3f} {a['busy_ms_per_step']:>6.2f} {a['idle_fraction']:>5.0%}")
-    wins.append(a["step_ms_unprofiled_median"] < s["step_ms_unprofiled_median"])
+wins = [a["step_ms_unprofiled_median"] < s["step_ms_unprofiled_median"]
+        for s, a in zip(runs["sync"]["runs"], runs["async"]["runs"])]
 same = runs["sync"]["check_tokens"] == runs["async"]["check_tokens"]
 print(f"check tokens {'agree' if same else 'DIFFER'}; startup sync {runs['sync']['startup_s']} s, async {runs['async']['startup_s']} s")
 decision = "async" if all(wins) and same else "sync"
