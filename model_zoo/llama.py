@@ -233,6 +233,14 @@ def unrolled_layers(layer_fn, h, kv, params, per_token, shared):
     return h, kv
 
 
+def kv_cache_spec(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None):
+    """The cache as (k, v) ShapeDtypeStructs: what executables are compiled against before (or
+    without) allocating it."""
+    shape = (config.num_layers, config.num_kv_heads, num_pages, page_size, config.head_dim)
+    spec = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+    return spec, spec
+
+
 def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None):
     """Zeroed (k_cache, v_cache), each [L, Hkv, num_pages, page_size, D]."""
     shape = (config.num_layers, config.num_kv_heads, num_pages, page_size, config.head_dim)

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from model_zoo.config import resolve_dtype
-from model_zoo.llama import init_kv_cache
+from model_zoo.llama import init_kv_cache, kv_cache_spec
 from model_zoo.registry import build_model
 from serving.buckets import BucketLadder
 from serving.config import EngineArgs
-from serving.kv_sizing import plan_kv_cache
+from serving.kv_sizing import activation_reserve_bytes, plan_kv_cache
 
 logger = logging.getLogger("jaxllm")
 
@@ -135,8 +135,7 @@ def build_engine_parts(args: EngineArgs) -> dict:
                 "request: %.2fx", kv_plan.num_pages - 1, kv_plan.page_size, kv_plan.total_bytes / 2 ** 30,
                 max_model_len, kv_plan.max_concurrency())
     max_num_seqs = min(max_num_seqs, kv_plan.num_pages - 1)
-    kv_cache = init_kv_cache(config, kv_plan.num_pages, kv_plan.page_size, dtype,
-                             sharding=layout.kv_cache_sharding() if layout else None)
+    kv_sharding = layout.kv_cache_sharding() if layout else None
 
     max_pages_per_seq = -(-max_model_len // kv_plan.page_size)
     ladder = BucketLadder.build(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
@@ -150,9 +149,17 @@ def build_engine_parts(args: EngineArgs) -> dict:
     eos = tuple(dict.fromkeys(tok_eos + gen_eos + list(config.eos_token_ids)))
     runner = ModelRunner(model, num_pages=kv_plan.num_pages, page_size=kv_plan.page_size,
                          max_model_len=max_model_len, max_num_seqs=max_num_seqs, ladder=ladder,
-                         kv_cache=kv_cache, max_logprobs=args.max_logprobs, seed=args.seed,
+                         kv_cache=kv_cache_spec(config, kv_plan.num_pages, kv_plan.page_size, dtype, kv_sharding),
+                         max_logprobs=args.max_logprobs, seed=args.seed,
                          eos_token_ids=eos, layout=layout, decode_buckets=attn_name.startswith("pallas"))
     runner.compile_all()
+    reserve = activation_reserve_bytes(config, max_num_batched_tokens, max_num_seqs, jnp.dtype(dtype).itemsize)
+    if platform == "gpu" and args.num_gpu_blocks_override is None and runner.max_temp_bytes > reserve:
+        logger.warning("The largest step needs %.2f GiB of scratch memory, more than the %.2f GiB kept free beside "
+                       "the KV cache: if steps run out of memory, lower --gpu-memory-utilization.",
+                       runner.max_temp_bytes / 2 ** 30, reserve / 2 ** 30)
+    # Allocated after compiling, so that GEMM autotuning has the device memory (see attach_kv_cache).
+    runner.attach_kv_cache(init_kv_cache(config, kv_plan.num_pages, kv_plan.page_size, dtype, sharding=kv_sharding))
     if jax.process_count() > 1 and jax.process_index() == 0:
         from sharding.multihost import BroadcastingRunner
 

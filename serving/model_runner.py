@@ -80,6 +80,13 @@ class StepStats:
         return (self.padded_tokens - self.num_tokens) / max(self.num_tokens, 1)
 
 
+def _temp_bytes(exe) -> int:
+    try:
+        return int(exe.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001 - not every backend reports it; 0 = unknown
+        return 0
+
+
 class ModelRunner:
     def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int, ladder: BucketLadder, kv_cache, max_logprobs: int, seed: int,
@@ -106,6 +113,7 @@ class ModelRunner:
         self._layouts: dict[tuple[int, int, int], PackedLayout] = {}
         self._prompt_lp_exes: dict[int, object] = {}
         self._set_rows_exe = None
+        self.max_temp_bytes = 0       # the largest executable's scratch memory (XLA's memory analysis)
         self._base_key = jax.random.PRNGKey(seed)
         self._step_count = 0
         self.last_step: StepStats | None = None
@@ -231,6 +239,7 @@ class ModelRunner:
             for done in concurrent.futures.as_completed(futures):
                 key = futures[done]
                 exe = done.result()         # a compile error surfaces here, with its own traceback
+                self.max_temp_bytes = max(self.max_temp_bytes, _temp_bytes(exe))
                 if key[0] == "step":
                     self._executables[key[1:]] = exe
                 else:
@@ -242,6 +251,23 @@ class ModelRunner:
         elapsed = time.perf_counter() - start
         logger.info("Compiled %d bucket executables in %.1f s (%d threads)", len(shapes), elapsed, threads)
         return elapsed
+
+    def attach_kv_cache(self, kv_cache) -> None:
+        """Give the runner its allocated cache once ``compile_all`` has compiled against the spec it
+        was built with (``kv_cache_spec``): compiling first leaves the device memory free for XLA's
+        GEMM autotuner, which runs candidate kernels on the device; beside a cache that fills the
+        memory, concurrent autotuners ran out of it (H100, 8B: "Out of memory while trying to
+        allocate 30.00MiB", 2026-11-21)."""
+        def sig(tree):
+            return [(a.shape, jnp.dtype(a.dtype)) for a in jax.tree.leaves(tree)]
+
+        if sig(kv_cache) != sig(self.kv_cache):
+            raise ValueError(f"KV cache {sig(kv_cache)} does not match the compiled one {sig(self.kv_cache)}")
+        for want, got in zip(jax.tree.leaves(self.kv_cache), jax.tree.leaves(kv_cache)):
+            if getattr(want, "sharding", None) is not None and \
+                    not want.sharding.is_equivalent_to(got.sharding, len(want.shape)):
+                raise ValueError(f"KV cache sharding {got.sharding} does not match the compiled {want.sharding}")
+        self.kv_cache = kv_cache
 
     @property
     def num_executables(self) -> int:
@@ -357,6 +383,8 @@ class ModelRunner:
 
     def dispatch(self, plan: StepPlan) -> "_InFlight":
         """Build the step's inputs and launch it; returns at once (JAX dispatch is asynchronous)."""
+        if isinstance(self.kv_cache[0], jax.ShapeDtypeStruct):
+            raise RuntimeError("The KV cache is not allocated: call attach_kv_cache() after compile_all().")
         reqs = self._apply_plan_deltas(plan)
         if not reqs:
             empty = np.zeros(0, np.int64)
