@@ -19,7 +19,7 @@ from model_zoo.llama import init_kv_cache, kv_cache_spec
 from model_zoo.registry import build_model
 from serving.buckets import BucketLadder
 from serving.config import EngineArgs
-from serving.kv_sizing import activation_reserve_bytes, plan_kv_cache
+from serving.kv_sizing import plan_kv_cache
 
 logger = logging.getLogger("jaxllm")
 
@@ -153,13 +153,17 @@ def build_engine_parts(args: EngineArgs) -> dict:
                          max_logprobs=args.max_logprobs, seed=args.seed,
                          eos_token_ids=eos, layout=layout, decode_buckets=attn_name.startswith("pallas"))
     runner.compile_all()
-    reserve = activation_reserve_bytes(config, max_num_batched_tokens, max_num_seqs, jnp.dtype(dtype).itemsize)
-    if platform == "gpu" and args.num_gpu_blocks_override is None and runner.max_temp_bytes > reserve:
-        logger.warning("The largest step needs %.2f GiB of scratch memory, more than the %.2f GiB kept free beside "
-                       "the KV cache: if steps run out of memory, lower --gpu-memory-utilization.",
-                       runner.max_temp_bytes / 2 ** 30, reserve / 2 ** 30)
     # Allocated after compiling, so that GEMM autotuning has the device memory (see attach_kv_cache).
     runner.attach_kv_cache(init_kv_cache(config, kv_plan.num_pages, kv_plan.page_size, dtype, sharding=kv_sharding))
+    mem = devices[0].memory_stats() if platform == "gpu" else None
+    if mem and "bytes_limit" in mem:
+        free = mem["bytes_limit"] - mem.get("bytes_in_use", 0)
+        logger.info("Device memory left beside weights and KV cache: %.2f GiB; the largest step's scratch: %.2f GiB",
+                    free / 2 ** 30, runner.max_temp_bytes / 2 ** 30)
+        if runner.max_temp_bytes > free:
+            logger.warning("The largest step needs %.2f GiB of scratch memory but only %.2f GiB is left: steps may "
+                           "run out of memory; lower --gpu-memory-utilization or --num-gpu-blocks-override.",
+                           runner.max_temp_bytes / 2 ** 30, free / 2 ** 30)
     if jax.process_count() > 1 and jax.process_index() == 0:
         from sharding.multihost import BroadcastingRunner
 
