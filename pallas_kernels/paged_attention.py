@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import mosaic_attention, triton_attention
+
+logger = logging.getLogger("jaxllm.pallas_kernels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +227,13 @@ def _decode(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_wind
     return out[:, :, :g].reshape(t, h, d)
 
 
+@functools.lru_cache(maxsize=None)
+def _log_mosaic_fallback(reason: str) -> None:
+    """Once per reason (this runs while tracing, i.e. once per compiled shape anyway)."""
+    logger.warning("kernel='mosaic': the Mosaic GPU decode kernel cannot run this shape (%s); "
+                   "the Triton decode kernel runs it instead", reason)
+
+
 def _mosaic_plan(q, k_cache, md, tuning, pages_per_block, num_splits):
     """(pages_per_block, pages_per_split, num_splits, num_stages) for the Mosaic decode kernel, or
     the reason it cannot run this shape (then the Triton kernel runs)."""
@@ -383,6 +393,7 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
                                   soft_cap=soft_cap, sliding_window=sliding_window,
                                   interpret=interpret)
         # An unsupported shape (e.g. fp32): the Triton decode kernel below runs it.
+        _log_mosaic_fallback(plan)
     if decode:
         tuning = _INTERPRET_DECODE if interpret else _lookup(_DECODE_TUNING, kind)
         tuning = _override(tuning, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)

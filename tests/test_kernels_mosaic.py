@@ -19,6 +19,8 @@ runs the Triton kernel for it, checked here too. ``test_lowers_for_cuda`` lowers
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,8 +122,11 @@ def test_layer_index_is_traced_not_baked_in():
         assert np.linalg.norm(out - ref) <= 2e-2 * np.linalg.norm(ref)
 
 
-def test_unsupported_shapes_run_the_triton_kernel():
-    # fp32 (wgmma would be TF32) and head_dim 32: the dispatcher falls back to the Triton kernel.
+def test_unsupported_shapes_run_the_triton_kernel(caplog):
+    # fp32 (wgmma would be TF32) and head_dim 32: the dispatcher falls back to the Triton kernel,
+    # and says so in the log (with the reason).
+    caplog.set_level("WARNING", logger="jaxllm.pallas_kernels")
+    importlib.import_module("pallas_kernels.paged_attention")._log_mosaic_fallback.cache_clear()      # logged once per reason and process
     rng = np.random.default_rng(6)
     for dtype, head_dim in ((np.float32, 64), (jnp.bfloat16, 32)):
         batch = make_batch(rng, seq_lens=[40, 9], q_lens=[1, 1], num_heads=4, num_kv_heads=2,
@@ -131,6 +136,8 @@ def test_unsupported_shapes_run_the_triton_kernel():
                                  interpret=True)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(triton))
         _check(batch, out, 2, dtype)
+    fallbacks = [r.getMessage() for r in caplog.records if "Triton decode kernel runs it" in r.getMessage()]
+    assert any("float32" in m for m in fallbacks) and any("head_dim" in m or "32" in m for m in fallbacks), fallbacks
 
 
 def test_validation_errors():
