@@ -89,7 +89,8 @@ def summary_table(suite) -> str:
         for r in bk["results"]["ladders"]:
             add(f"ladder {r['ladder']} ({r['num_executables']} exes, {r['new_cache_entries']} compiled)",
                 f"{r['output_throughput']:.0f} out tok/s, ITL P50/P99 {r['itl_p50_ms']:.1f}/{r['itl_p99_ms']:.1f} ms, "
-                f"pad {r['padding_waste_pct']:.1f}%, start {r['startup_s']:.0f} s", "")
+                f"pad {r['padding_waste_pct']:.1f}%, start {r['startup_s']:.0f} s, "
+                f"lone TTFT P50 {_num(r.get('lone_ttft_p50_ms'), 1)} ms", "")
         add("recommended ladder", bk["results"]["recommended"], "")
     from serving.bench.environment import write_json
 

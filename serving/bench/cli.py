@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from serving.bench import datasets as ds
+from serving.bench.buckets import LONE_PROMPTS
 from serving.bench.metrics import (METRICS, compute_metrics, format_report, parse_goodput, parse_metric_names,
                                    parse_percentiles)
 
@@ -143,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a ladder like 64,256x8,32 or 'default' (repeat the flag)")
     b.add_argument("--tolerance", type=float, default=0.05,
                    help="throughput share within which fewer executables win")
+    b.add_argument("--latency-tolerance", type=float, default=0.10,
+                   help="share of the best lone-request TTFT a recommended ladder may exceed")
+    b.add_argument("--lone-prompts", type=int, default=LONE_PROMPTS,
+                   help="prompts of the dataset timed one at a time after the workload (low-load TTFT/ITL; 0 skips)")
     b.add_argument("--output-json", default=None, help="write the table here")
     b.add_argument("--plot", default=None, metavar="PNG", help="write the comparison figure here")
     b.set_defaults(num_prompts=64)      # one workload per ladder: smaller by default
@@ -319,15 +324,19 @@ def cmd_buckets(ns: argparse.Namespace) -> int:
     specs = ns.ladder or ["default"]
     for spec in specs:
         parse_ladder_spec(spec)           # every spec checked before the first (slow) engine build
+    if ns.lone_prompts < 0:
+        raise ValueError(f"--lone-prompts must be 0 or more, got {ns.lone_prompts}")
+    if ns.tolerance < 0 or ns.latency_tolerance < 0:
+        raise ValueError("--tolerance and --latency-tolerance must be non-negative")
     kwargs = engine_kwargs(ns)
     _check_dataset_flags(ns)
     make_requests, requests = _engine_requests(ns), None
     rows = []
     for spec in specs:
         print(f"Ladder {spec}: building and compiling ...", flush=True)
-        row, requests = run_ladder(kwargs, spec, requests or make_requests, seed=ns.seed)
+        row, requests = run_ladder(kwargs, spec, requests or make_requests, seed=ns.seed, lone_prompts=ns.lone_prompts)
         rows.append(row)
-    pick, why = choose_ladder(rows, ns.tolerance)
+    pick, why = choose_ladder(rows, ns.tolerance, ns.latency_tolerance)
     print(format_ladder_table(rows))
     print(f"\nRecommended ladder: {pick['ladder']} (tokens {pick['token_buckets']}, seqs {pick['seq_buckets']}). {why}")
     if ns.output_json:
@@ -337,7 +346,8 @@ def cmd_buckets(ns: argparse.Namespace) -> int:
         env = {**device_info(), "model": kwargs.get("model") or resolved.name,
                "model_shape": model_shape(resolved.config), "dtype": kwargs.get("dtype") or "auto"}
         config = {"dataset": ns.dataset_name, "num_prompts": ns.num_prompts, "seed": ns.seed,
-                  "engine_args": kwargs, "ladders": specs, "tolerance": ns.tolerance, **dataset_kwargs(ns)}
+                  "engine_args": kwargs, "ladders": specs, "tolerance": ns.tolerance,
+                  "latency_tolerance": ns.latency_tolerance, "lone_prompts": ns.lone_prompts, **dataset_kwargs(ns)}
         path = write_json(ns.output_json, result_envelope(
             "buckets", env, config, {"ladders": rows, "recommended": pick["ladder"], "why": why}))
         print(f"Saved {path}")
