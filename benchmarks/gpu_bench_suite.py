@@ -88,9 +88,10 @@ _KNOBS = {
     "STEPS": ",".join(STEPS), "BUDGET_S": "540", "CACHE_DIR": "", "FRESH_CACHE": "0", "PORT": "8011",
     "MODEL_TAG": "",
 }
-# Per-child time guards (seconds), each capped by the budget left. A cold 8B ladder of 9
-# executables compiles in ~200 s on an H100; everything after it loads from the cache.
-_GUARD_COLD_START_S = 480
+# Per-child time guards (seconds), each capped by the budget left. A cold 8B ladder (12 step + 5
+# prompt-logprob executables) compiled in 200 s (session 3), 367 s and 475 s (session 4) on H100s
+# and 314 s on an H200: GEMM autotuning dominates and varies; everything after it loads from the cache.
+_GUARD_COLD_START_S = 540
 _GUARD_WARM_PROCESS_S = 240
 _GUARD_HF_S = 420
 _MIN_STEP_S = 30            # a step is not started with less than this left

@@ -127,10 +127,13 @@ def _buckets(data: dict) -> list[str]:
     # benchmarks/gpu_bench_suite.py runs each ladder in its own process and counts the executables
     # it added to the compilation cache (the others were loaded, so their compile_s is load time).
     cached = any("new_cache_entries" in x for x in r["ladders"])
+    # Lone-request latency (a prompt alone, after the workload): what small token buckets are for.
+    lone = any("lone_ttft_p50_ms" in x for x in r["ladders"])
     rows = [[x["ladder"], x["num_executables"], *([x.get("new_cache_entries")] if cached else []), x["compile_s"],
-             x["output_throughput"], x["itl_p50_ms"], x["itl_p99_ms"], x["padding_waste_pct"]] for x in r["ladders"]]
+             x["output_throughput"], x["itl_p50_ms"], x["itl_p99_ms"], x["padding_waste_pct"],
+             *([x.get("lone_ttft_p50_ms", "-")] if lone else [])] for x in r["ladders"]]
     header = ["ladder", "executables", *(["new cache entries"] if cached else []), "compile s", "output tok/s",
-              "ITL P50 ms", "ITL P99 ms", "padding %"]
+              "ITL P50 ms", "ITL P99 ms", "padding %", *(["lone TTFT P50 ms"] if lone else [])]
     return [f"Dataset {c.get('dataset')}, {c.get('num_prompts')} prompts." + (f" {c['note']}." if c.get("note") else ""),
             "", *_table(header, rows), "", f"Recommended: **{r['recommended']}**. {r.get('why', '')}"]
 

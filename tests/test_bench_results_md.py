@@ -62,3 +62,16 @@ def test_hf_batches_left_pad_and_sort():
     assert Echo.seen[0] == ([[0, 4], [5, 6]], [[0, 1], [1, 1]], 3, 3)
     assert Echo.seen[1] == ([[1, 2, 3]], [[1, 1, 1]], 2, 2)
     assert outs == {0: [7, 7], 1: [7, 7, 7], 2: [7]}
+
+
+def test_buckets_section_shows_lone_ttft_only_when_measured():
+    md = _load("make_results_md")
+    row = {"ladder": "512,2048x1,64", "num_executables": 6, "compile_s": 9.0, "output_throughput": 3300.0,
+           "itl_p50_ms": 13.9, "itl_p99_ms": 74.0, "padding_waste_pct": 80.0}
+    doc = {"config": {"dataset": "sharegpt-synthetic", "num_prompts": 300},
+           "results": {"ladders": [row], "recommended": row["ladder"], "why": "only one"}}
+    old = "\n".join(md._buckets(doc))
+    assert "lone TTFT" not in old and "| 512,2048x1,64 | 6 | 9.00 |" in old
+    doc["results"]["ladders"] = [dict(row, lone_ttft_p50_ms=21.5), dict(row, ladder="2048x1,64")]
+    new = "\n".join(md._buckets(doc))
+    assert "lone TTFT P50 ms" in new and "| 21.50 |" in new and new.rstrip().count("| - |") >= 1
