@@ -1,5 +1,5 @@
 """benchmarks/make_results_md.py's issue-8 targets table: single figures, the H200/H100 ratio row, and the
-rows read from benchmarks/gpu_bench_suite.py's files (ratios of one run only where that matters)."""
+rows read from benchmarks/gpu_bench_suite.py's and gpu_profile.py's files (ratios of one run only where that matters)."""
 
 import importlib.util
 import json
@@ -15,25 +15,25 @@ def _render(results_dir):
     return mod.render(results_dir)
 
 
-def _engine(path, itl, rps):
-    path.write_text(json.dumps({"what": "gpu-engine", "llama-3.1-8b": {
-        "batch1_itl_ms_ctx512": itl, "startup_s": 100.0, "random_1024_128": {"requests_per_s": rps}}}))
+def _profile(path, step_ms):
+    path.write_text(json.dumps({"runs": [{"batch": 1, "step_ms_unprofiled_median": step_ms}]}))
 
 
-def test_ratio_row_divides_newest_files(tmp_path):
-    _engine(tmp_path / "2026-01-01-nvidia-h100-80gb-hbm3-engine.json", 9.0, 10.0)
-    _engine(tmp_path / "2026-02-01-nvidia-h100-80gb-hbm3-engine.json", 8.0, 20.0)   # newest H100 wins
-    _engine(tmp_path / "2026-02-01-nvidia-h200-engine.json", 7.5, 25.0)
+def test_h200_over_h100_divides_the_newest_suite_files(tmp_path):
+    _suite_file(tmp_path / "2026-01-01-h100-8b-random1024-offline.json", "throughput", _throughput(10.0))
+    _suite_file(tmp_path / "2026-02-01-h100-8b-random1024-offline.json", "throughput", _throughput(20.0))  # newest
+    _suite_file(tmp_path / "2026-02-01-h200-8b-random1024-offline.json", "throughput", _throughput(25.0))
+    _profile(tmp_path / "2026-02-01-h200-decode-profile-tp1-h200.json", 4.4)
     text = _render(tmp_path)
-    assert "| 1.25 x | 2026-02-01-nvidia-h200-engine.json / 2026-02-01-nvidia-h100-80gb-hbm3-engine.json |" in text
-    assert "H200 | record (below the H100 figure) | 7.5 ms |" in text
-    assert "H100 | <= 5.8 ms (vLLM 6.44 ms; roofline ~5.0) | 8.0 ms |" in text
+    assert ("| 1.25 x | 2026-02-01-h200-8b-random1024-offline.json / 2026-02-01-h100-8b-random1024-offline.json |"
+            in text)
+    assert "H200 (gpu_profile, unprofiled median) | record (below the H100 figure) | 4.4 ms |" in text
 
 
 def test_ratio_row_not_measured_without_both_files(tmp_path):
-    _engine(tmp_path / "2026-02-01-nvidia-h100-80gb-hbm3-engine.json", 8.0, 20.0)
+    _suite_file(tmp_path / "2026-02-01-h100-8b-random1024-offline.json", "throughput", _throughput(20.0))
     row = next(l for l in _render(tmp_path).splitlines() if l.startswith("| offline throughput ratio H200 / H100"))
-    assert "| not measured |" in row and "- / 2026-02-01-nvidia-h100-80gb-hbm3-engine.json" in row
+    assert "| not measured |" in row and "- / 2026-02-01-h100-8b-random1024-offline.json" in row
 
 
 def _suite_file(path, kind, results, commit=None):
@@ -79,7 +79,7 @@ def test_same_run_ratio_pairs_files_of_one_date_only(tmp_path):
     served = "served (bench serve, rate inf) / offline throughput, sharegpt-synthetic"
 
     def row():
-        return next(l for l in _render(tmp_path).splitlines() if l.startswith(f"| {served}"))
+        return next(l for l in _render(tmp_path).splitlines() if l.startswith(f"| {served}, 8B, H100"))
 
     _suite_file(tmp_path / "2026-03-01-h100-8b-sharegpt-served-inf.json", "serve", _served(30.0))
     _suite_file(tmp_path / "2026-03-02-h100-8b-sharegpt-offline.json", "throughput", _throughput(40.0))
