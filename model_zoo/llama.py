@@ -242,11 +242,11 @@ def kv_cache_spec(config: ModelConfig, num_pages: int, page_size: int, dtype, sh
 
 
 def init_kv_cache(config: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None):
-    """Zeroed (k_cache, v_cache), each [L, Hkv, num_pages, page_size, D]."""
-    shape = (config.num_layers, config.num_kv_heads, num_pages, page_size, config.head_dim)
+    """Zeroed (k_cache, v_cache), each [L, Hkv, num_pages, page_size, D] (``kv_cache_spec``)."""
+    spec, _ = kv_cache_spec(config, num_pages, page_size, dtype)
 
     def make():
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        return jnp.zeros(spec.shape, spec.dtype), jnp.zeros(spec.shape, spec.dtype)
 
     if sharding is None:
         return jax.jit(make)()

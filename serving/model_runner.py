@@ -80,11 +80,13 @@ class StepStats:
         return (self.padded_tokens - self.num_tokens) / max(self.num_tokens, 1)
 
 
-def _temp_bytes(exe) -> int:
+def executable_scratch_bytes(exe) -> int | None:
+    """An executable's scratch (temporaries) from XLA's memory analysis; None where the backend
+    does not report it."""
     try:
         return int(exe.memory_analysis().temp_size_in_bytes)
-    except Exception:  # noqa: BLE001 - not every backend reports it; 0 = unknown
-        return 0
+    except Exception:  # noqa: BLE001 - not every backend implements memory_analysis
+        return None
 
 
 class ModelRunner:
@@ -239,7 +241,7 @@ class ModelRunner:
             for done in concurrent.futures.as_completed(futures):
                 key = futures[done]
                 exe = done.result()         # a compile error surfaces here, with its own traceback
-                self.max_temp_bytes = max(self.max_temp_bytes, _temp_bytes(exe))
+                self.max_temp_bytes = max(self.max_temp_bytes, executable_scratch_bytes(exe) or 0)
                 if key[0] == "step":
                     self._executables[key[1:]] = exe
                 else:

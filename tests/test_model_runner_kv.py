@@ -4,7 +4,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from model_zoo.llama import init_kv_cache, kv_cache_spec
@@ -42,4 +41,4 @@ def test_compiled_against_the_spec_refuses_to_run_until_the_cache_is_attached(pa
     runner.attach_kv_cache(kv)
     assert all(isinstance(a, jax.Array) for a in runner.kv_cache)
     assert runner.run(empty).req_ids == ()
-    assert np.asarray(runner.kv_cache[0]).shape == (1, config.num_kv_heads, 5, 8, config.head_dim)
+    assert runner.kv_cache[0].shape == (1, config.num_kv_heads, 5, 8, config.head_dim)

@@ -62,14 +62,13 @@ def _memory_figures(llm) -> dict:
             out["device_bytes_in_use"] = stats.get("bytes_in_use")
     except Exception:   # noqa: BLE001 - CPU devices report no memory stats
         pass
-    # The runner keeps its compiled executables by bucket; XLA's memory analysis gives each one's
-    # scratch (activations) size, which is what a larger bucket costs beyond the weights and KV cache.
-    scratch = []
-    for exe in getattr(runner, "_executables", {}).values():
-        try:
-            scratch.append(int(exe.memory_analysis().temp_size_in_bytes))
-        except Exception:   # noqa: BLE001 - not every backend implements memory_analysis
-            pass
+    # The runner keeps its compiled step executables by bucket; XLA's memory analysis gives each
+    # one's scratch (activations) size, which is what a larger bucket costs beyond the weights and
+    # KV cache.
+    from serving.model_runner import executable_scratch_bytes
+
+    scratch = [b for exe in getattr(runner, "_executables", {}).values()
+               if (b := executable_scratch_bytes(exe)) is not None]
     if scratch:
         out["max_executable_scratch_bytes"] = max(scratch)
     return out
