@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import mosaic_attention, triton_attention
+from pallas_kernels.reference import write_kv
 
 logger = logging.getLogger("jaxllm.pallas_kernels")
 
@@ -183,6 +184,19 @@ def _validate(q, k_cache, v_cache, layer, md, soft_cap, sliding_window, max_quer
         raise ValueError(f"max_query_len must be a positive int or None, got {max_query_len}")
 
 
+def _validate_new_kv(new_kv, q, k_cache, md):
+    if not isinstance(new_kv, (tuple, list)) or len(new_kv) != 2:
+        raise ValueError("new_kv must be a pair (k, v) of this step's keys and values")
+    t, _, d = q.shape
+    want = (t, k_cache.shape[1], d)
+    for name, arr in zip(("k", "v"), new_kv):
+        if arr.shape != want:
+            raise ValueError(f"new_kv's {name} must be [tokens, kv_heads, head_dim] = {want}, "
+                             f"got {arr.shape}")
+    if md.slot_mapping.shape != (t,):
+        raise ValueError(f"md.slot_mapping must have shape {(t,)}, got {md.slot_mapping.shape}")
+
+
 def _group(q, hkv, padded_group):
     """[T, H, D] -> [T, Hkv, Gp, D], zero query rows appended to each group."""
     t, h, d = q.shape
@@ -202,7 +216,7 @@ def _default_num_splits(tuning, programs: int, max_pages: int, pages_per_block: 
 
 
 def _decode(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_window, tuning,
-            num_splits, interpret):
+            num_splits, interpret, new_kv=None):
     t, h, d = q.shape
     hkv = k_cache.shape[1]
     g = h // hkv
@@ -218,13 +232,21 @@ def _decode(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_wind
     # block may read up to pages_per_block entries past the end; masked keys are never used.
     pad = num_splits * pages_per_split + ppb - max_pages
     token_tables = jnp.pad(token_tables, ((0, 0), (0, pad)))
-    out = triton_attention.decode_pallas_call(
+    if new_kv is not None:
+        # Cast before the kernel: it then attends to exactly the values a cache of this dtype
+        # holds, as the unfused path reads them back.
+        new_kv = (new_kv[0].astype(k_cache.dtype), new_kv[1].astype(v_cache.dtype),
+                  md.slot_mapping.astype(jnp.int32))
+    result = triton_attention.decode_pallas_call(
         _group(q, hkv, padded_group), k_cache, v_cache, layer_arr,
         (md.positions + 1).astype(jnp.int32), token_tables.astype(jnp.int32),
         scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, pages_per_block=ppb,
         num_splits=num_splits, num_warps=tuning.num_warps, num_stages=tuning.num_stages,
-        interpret=interpret)
-    return out[:, :, :g].reshape(t, h, d)
+        interpret=interpret, new_kv=new_kv)
+    if new_kv is None:
+        return result[:, :, :g].reshape(t, h, d)
+    out, k_cache, v_cache = result
+    return out[:, :, :g].reshape(t, h, d), k_cache, v_cache
 
 
 @functools.lru_cache(maxsize=None)
@@ -350,11 +372,18 @@ def _prefill(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_win
     "pages_per_block", "num_splits", "block_q", "num_warps", "num_stages"))
 def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
                     soft_cap: float | None = None, sliding_window: int | None = None,
-                    max_query_len: int | None = None, interpret: bool = False,
+                    max_query_len: int | None = None, new_kv=None, interpret: bool = False,
                     kernel: str = "triton", pages_per_block: int | None = None,
                     num_splits: int | None = None, block_q: int | None = None,
                     num_warps: int | None = None, num_stages: int | None = None):
     """Ragged paged attention, q [T, H, D] -> [T, H, D]; same semantics as ``paged_attention_xla``.
+
+    ``new_kv=(k, v)`` ([T, Hkv, D] each) writes this step's keys/values at ``md.slot_mapping``
+    first (``write_kv``'s semantics: out-of-range slots write nothing) and returns
+    ``(out, k_cache, v_cache)``. A decode step on the Triton kernel does the write inside the
+    kernel (caches aliased in place; the new key enters the softmax from registers), which then
+    needs each token's slot to hold its position (``md.positions``) in its own sequence and at most
+    one query token per sequence, as ``max_query_len=1`` promises; every other path scatters first.
 
     Static keywords: ``max_query_len`` (1 = decode-only batch -> decode kernel), ``interpret``
     (CPU interpret mode, for tests), ``kernel`` (``"triton"`` or ``"mosaic"``: the decode kernel's
@@ -363,6 +392,8 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
     the Mosaic kernel is the depth of its K/V ring); ``None`` takes the per-GPU table here.
     """
     _validate(q, k_cache, v_cache, layer, md, soft_cap, sliding_window, max_query_len)
+    if new_kv is not None:
+        _validate_new_kv(new_kv, q, k_cache, md)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "mosaic":
@@ -384,24 +415,32 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     decode = max_query_len == 1
     kind = "interpret" if interpret else _device_kind()
+    fuse = new_kv is not None and decode and kernel == "triton"
+    written = lambda out: out  # noqa: E731
+    if new_kv is not None and not fuse:
+        # Prefill and mixed batches, and the Mosaic decode kernel (or its Triton fallback), read
+        # the new tokens back from the cache: scatter them first.
+        k_cache, v_cache = write_kv(k_cache, v_cache, layer, *new_kv, md.slot_mapping)
+        written = lambda out: (out, k_cache, v_cache)  # noqa: E731
     if decode and kernel == "mosaic":
         tuning = _INTERPRET_MOSAIC_DECODE if interpret else _lookup(_MOSAIC_DECODE_TUNING, kind)
         tuning = _override(tuning, num_stages=num_stages)
         plan = _mosaic_plan(q, k_cache, md, tuning, pages_per_block, num_splits)
         if not isinstance(plan, str):
-            return _decode_mosaic(q, k_cache, v_cache, layer_arr, md, plan, scale=scale,
-                                  soft_cap=soft_cap, sliding_window=sliding_window,
-                                  interpret=interpret)
+            return written(_decode_mosaic(q, k_cache, v_cache, layer_arr, md, plan, scale=scale,
+                                          soft_cap=soft_cap, sliding_window=sliding_window,
+                                          interpret=interpret))
         # An unsupported shape (e.g. fp32): the Triton decode kernel below runs it.
         _log_mosaic_fallback(plan)
     if decode:
         tuning = _INTERPRET_DECODE if interpret else _lookup(_DECODE_TUNING, kind)
         tuning = _override(tuning, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
-        return _decode(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
-                       sliding_window=sliding_window, tuning=tuning, num_splits=num_splits,
-                       interpret=interpret)
+        # Fused: returns (out, k_cache, v_cache) itself.
+        return written(_decode(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
+                               sliding_window=sliding_window, tuning=tuning, num_splits=num_splits,
+                               interpret=interpret, new_kv=new_kv if fuse else None))
     tuning = _INTERPRET_PREFILL if interpret else _lookup(_PREFILL_TUNING, kind)
     tuning = _override(tuning, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
-    return _prefill(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
-                    sliding_window=sliding_window, tuning=tuning, block_q=block_q,
-                    interpret=interpret)
+    return written(_prefill(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
+                            sliding_window=sliding_window, tuning=tuning, block_q=block_q,
+                            interpret=interpret))

@@ -8,12 +8,32 @@ Semantics (the same as ``model_zoo.attention.paged_attention_xla``): a query tok
 position ``p`` of sequence ``s`` sees the keys at positions ``0..p`` of ``s`` (causal), restricted to
 ``p - sliding_window < key_pos`` when a window is given; the key at position ``j`` lives in page
 ``block_tables[s, j // page_size]`` at offset ``j % page_size`` of layer ``layer``.
+
+``write_kv`` is the reference (and the XLA backend's) cache write: a scatter of this step's
+keys/values to their flat slots. The decode kernel can fuse the same write (``new_kv``).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+
+def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
+    """Scatter this step's keys/values ``[T, Hkv, D]`` into ``layer`` of the caches (in place when donated).
+
+    A slot at or past ``num_pages * page_size`` is dropped: padding tokens write nothing, so their
+    (possibly non-finite) values never reach a page a kernel reads."""
+    page_size = k_cache.shape[3]
+    pages = slot_mapping // page_size
+    offs = slot_mapping % page_size
+    # The heads axis is a slice (a window dimension of the scatter), not an index array: a KV
+    # cache sharded on heads then scatters shard-locally, with no all-gather of k/v per layer.
+    k_cache = k_cache.at[layer, :, pages, offs].set(
+        k.astype(k_cache.dtype), mode="drop", unique_indices=False)
+    v_cache = v_cache.at[layer, :, pages, offs].set(
+        v.astype(v_cache.dtype), mode="drop", unique_indices=False)
+    return k_cache, v_cache
 
 
 def paged_attention_reference(q, k_cache, v_cache, layer, md, *, scale: float,

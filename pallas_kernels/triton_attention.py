@@ -60,28 +60,67 @@ def _online_softmax_step(s, v, carry, *, precision):
 # Decode: one query token per program row, the key range split over a grid axis.
 # ----------------------------------------------------------------------------------------------
 
-def _decode_body(layer_ref, kv_len_ref, block_table_ref, q_ref, k_ref, v_ref,
-                 o_ref, m_ref, l_ref, *, scale, soft_cap, sliding_window, pages_per_block,
-                 pages_per_split, page_size, precision):
+def _new_token_carry(q, k_new, v_new, first, *, scale, soft_cap):
+    """The online-softmax carry after the new token alone (this program's ``first`` split), else
+    the empty carry. q [Gp, D]; k_new/v_new [D] in the cache dtype.
+
+    Triton's ``dot`` needs >= 16 rows on both sides, so q . k_new is a multiply and a sum over D."""
+    s = (q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :]).sum(axis=-1) * scale
+    if soft_cap is not None:
+        s = jnp.tanh(s / soft_cap) * soft_cap
+    o = jnp.broadcast_to(v_new.astype(jnp.float32)[None, :], q.shape)
+    return (jnp.where(first, o, jnp.zeros_like(o)),
+            jnp.where(first, s, jnp.full_like(s, MASK_VALUE)),
+            jnp.where(first, jnp.ones_like(s), jnp.zeros_like(s)))
+
+
+def _decode_body(layer_ref, kv_len_ref, block_table_ref, q_ref, k_ref, v_ref, new_refs,
+                 o_ref, m_ref, l_ref, cache_out_refs, *, scale, soft_cap, sliding_window,
+                 pages_per_block, pages_per_split, page_size, precision):
     # grid = (token, kv_head, split); refs: q/o [Gp, D], m/l [Gp], block_table [padded_pages].
+    # Fused K/V write (new_refs = (k_new [D], v_new [D], slot [1]), cache_out_refs = the caches
+    # aliased in place): the new key at position kv_len-1 enters split 0's softmax from registers
+    # and the cache is read only below it, so no program reads what this call writes.
     kv_head = pl.program_id(1)
     split = pl.program_id(2)
     layer = layer_ref[0]
     kv_len = kv_len_ref[0]                      # keys 0..kv_len-1 are causal-visible
     block_k = pages_per_block * page_size
     padded_group, head_dim = q_ref.shape
+    fused = new_refs is not None
+    q = q_ref[...]
 
-    # Keys this split owns, intersected with the visible range [lo, kv_len).
+    # Keys this split reads from the cache, intersected with the visible range [lo, hi).
     split_lo = split * pages_per_split * page_size
     split_hi = split_lo + pages_per_split * page_size
     lo = split_lo
     if sliding_window is not None:
         lo = jnp.maximum(lo, kv_len - sliding_window)
-    hi = jnp.minimum(split_hi, kv_len)
+    hi = jnp.minimum(split_hi, kv_len - 1 if fused else kv_len)
     first_page = lo // page_size
     num_blocks = jnp.where(hi > lo, pl.cdiv(hi - first_page * page_size, block_k), 0)
 
-    q = q_ref[...]
+    if fused:
+        k_new_ref, v_new_ref, slot_ref = new_refs
+        k_new, v_new = k_new_ref[...], v_new_ref[...]
+        # Split 0 always exists and its program also stores the token, so one program per
+        # (token, kv head) owns the new key; the combine merges it like any split's keys.
+        init = _new_token_carry(q, k_new, v_new, split == 0, scale=scale, soft_cap=soft_cap)
+        # write_kv's drop semantics: a slot outside [0, num_pages * page) (padding, pipeline
+        # bubble) writes nothing; the page index is clamped so even the masked address is valid.
+        k_out_ref, v_out_ref = cache_out_refs
+        num_pages = k_out_ref.shape[2]
+        slot = slot_ref[0]
+        store = (split == 0) & (slot >= 0) & (slot < num_pages * page_size)
+        page = jnp.clip(slot // page_size, 0, num_pages - 1)
+        off = slot % page_size
+        mask = jnp.broadcast_to(store, (head_dim,))
+        pltriton.store(k_out_ref.at[layer, kv_head, page, off], k_new, mask=mask)
+        pltriton.store(v_out_ref.at[layer, kv_head, page, off], v_new, mask=mask)
+    else:
+        init = (jnp.zeros((padded_group, head_dim), jnp.float32),
+                jnp.full((padded_group,), MASK_VALUE, jnp.float32),
+                jnp.zeros((padded_group,), jnp.float32))
 
     def body(i, carry):
         page0 = first_page + i * pages_per_block
@@ -93,9 +132,6 @@ def _decode_body(layer_ref, kv_len_ref, block_table_ref, q_ref, k_ref, v_ref,
         s = jnp.where((key_pos >= lo) & (key_pos < hi), s, MASK_VALUE)
         return _online_softmax_step(s, v, carry, precision=precision)
 
-    init = (jnp.zeros((padded_group, head_dim), jnp.float32),
-            jnp.full((padded_group,), MASK_VALUE, jnp.float32),
-            jnp.zeros((padded_group,), jnp.float32))
     o, m, l = jax.lax.fori_loop(0, num_blocks, body, init)
     if m_ref is None:
         # Single split: normalise here and skip the combine pass. l > 0 for every real row.
@@ -108,20 +144,33 @@ def _decode_body(layer_ref, kv_len_ref, block_table_ref, q_ref, k_ref, v_ref,
 
 def decode_pallas_call(q_grouped, k_cache, v_cache, layer_arr, kv_lens, token_block_tables, *,
                        scale, soft_cap, sliding_window, pages_per_block, num_splits,
-                       num_warps, num_stages, interpret):
+                       num_warps, num_stages, interpret, new_kv=None):
     """q_grouped [T, Hkv, Gp, D]; kv_lens [T]; token_block_tables [T, num_splits * pages_per_split
-    + pages_per_block] (zero-padded) -> [T, Hkv, Gp, D] in q's dtype."""
+    + pages_per_block] (zero-padded) -> [T, Hkv, Gp, D] in q's dtype.
+
+    ``new_kv=(k_new, v_new, slots)`` ([T, Hkv, D] in the cache dtype, [T] int32) fuses the cache
+    write: token t's key/value (position kv_lens[t] - 1) is stored at ``slots[t]`` and the call
+    returns ``(out, k_cache, v_cache)``, the caches aliased to the inputs (in place when the
+    caller's buffers can be reused, e.g. donated or a scan carry)."""
     t, hkv, padded_group, d = q_grouped.shape
     page_size = k_cache.shape[3]
     padded_pages = token_block_tables.shape[1] - pages_per_block
     pages_per_split = padded_pages // num_splits
     multi = num_splits > 1
+    fused = new_kv is not None
     body = functools.partial(
         _decode_body, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
         pages_per_block=pages_per_block, pages_per_split=pages_per_split, page_size=page_size,
         precision=_dot_precision(q_grouped.dtype))
-    if not multi:
-        body = functools.partial(lambda f, *refs: f(*refs, None, None), body)
+    num_in = 9 if fused else 6
+    num_partials = 3 if multi else 1
+
+    def kernel(*refs):
+        ins, outs = refs[:num_in], refs[num_in:]
+        o_ref, m_ref, l_ref = outs[:3] if multi else (outs[0], None, None)
+        body(*ins[:6], ins[6:] if fused else None, o_ref, m_ref, l_ref,
+             outs[num_partials:] if fused else None)
+
     in_specs = [
         pl.BlockSpec((1,), lambda i, h, s: (0,)),                                  # layer
         pl.BlockSpec((1,), lambda i, h, s: (i,)),                                  # kv_lens
@@ -140,27 +189,45 @@ def decode_pallas_call(q_grouped, k_cache, v_cache, layer_arr, kv_lens, token_bl
             pl.BlockSpec((None, None, None, padded_group), lambda i, h, s: (s, i, h, 0)),
         ]
     else:
-        out_shape = jax.ShapeDtypeStruct((t, hkv, padded_group, d), q_grouped.dtype)
-        out_specs = pl.BlockSpec((None, None, padded_group, d), lambda i, h, s: (i, h, 0, 0))
+        out_shape = [jax.ShapeDtypeStruct((t, hkv, padded_group, d), q_grouped.dtype)]
+        out_specs = [pl.BlockSpec((None, None, padded_group, d), lambda i, h, s: (i, h, 0, 0))]
+    args = [layer_arr, kv_lens, token_block_tables, q_grouped, k_cache, v_cache]
+    aliases = {}
+    if fused:
+        k_new, v_new, slots = new_kv
+        in_specs += [pl.BlockSpec((None, None, d), lambda i, h, s: (i, h, 0)),      # k_new
+                     pl.BlockSpec((None, None, d), lambda i, h, s: (i, h, 0)),      # v_new
+                     pl.BlockSpec((1,), lambda i, h, s: (i,))]                      # slots
+        args += [k_new, v_new, slots]
+        # The caches come back as outputs written in place (inputs 4 and 5 alias them): the
+        # kernel stores only the new tokens' slots, so no program copies the cache.
+        out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                      jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)]
+        out_specs += [pl.no_block_spec, pl.no_block_spec]
+        aliases = {4: num_partials, 5: num_partials + 1}
     result = pl.pallas_call(
-        body,
+        kernel,
         grid=(t, hkv, num_splits),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="jaxllm_paged_decode",
-    )(layer_arr, kv_lens, token_block_tables, q_grouped, k_cache, v_cache)
+        name="jaxllm_paged_decode_kv_write" if fused else "jaxllm_paged_decode",
+    )(*args)
+    caches = tuple(result[num_partials:])
     if not multi:
-        return result
-    o, m, l = result
-    # Flash-decoding combine over splits; empty splits have m = MASK_VALUE and l = 0, weight 0.
-    m_all = m.max(axis=0)
-    w = jnp.exp(m - m_all[None])
-    denom = (l * w).sum(axis=0)
-    out = (o * w[..., None]).sum(axis=0) / jnp.maximum(denom, 1e-30)[..., None]
-    return out.astype(q_grouped.dtype)
+        out = result[0]
+    else:
+        o, m, l = result[:3]
+        # Flash-decoding combine over splits; empty splits have m = MASK_VALUE and l = 0, weight 0.
+        m_all = m.max(axis=0)
+        w = jnp.exp(m - m_all[None])
+        denom = (l * w).sum(axis=0)
+        out = (o * w[..., None]).sum(axis=0) / jnp.maximum(denom, 1e-30)[..., None]
+        out = out.astype(q_grouped.dtype)
+    return (out, *caches) if fused else out
 
 
 # ----------------------------------------------------------------------------------------------
