@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model_zoo.attention import AttentionMetadata, paged_attention_xla, write_kv
+from model_zoo.attention import AttentionMetadata, paged_attention_xla
 from model_zoo.config import GEMMA_ARCHITECTURES, ModelConfig, rope_inv_freq
 from model_zoo.llama import AttentionFn, LlamaForCausalLM, scan_layers, unrolled_layers
 
@@ -132,10 +132,11 @@ class GemmaForCausalLM(LlamaForCausalLM):
                 cache = {}
 
                 def attend(q, k, v):
-                    kc, vc = write_kv(k_cache, v_cache, layer, k, v, slots)
+                    out, kc, vc = self.attention_fn(
+                        q, k_cache, v_cache, layer, md_mb, scale=c.attention_scale,
+                        soft_cap=c.attn_logit_softcap, sliding_window=window, new_kv=(k, v))
                     cache["kv"] = (kc, vc)
-                    return self.attention_fn(q, kc, vc, layer, md_mb, scale=c.attention_scale,
-                                             soft_cap=c.attn_logit_softcap, sliding_window=window)
+                    return out
 
                 h = self._gemma_layer(h, p, positions, attend, window is not None)
                 return h, cache["kv"]

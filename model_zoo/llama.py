@@ -8,23 +8,20 @@ Two forwards share one layer body:
 * ``forward_dense`` — a plain causal forward over ``[B, S]`` with no cache, for tests.
 
 Decoder layers are stacked on a leading axis and scanned (compile time independent of depth); the KV
-cache rides in the scan carry and each layer scatters into / reads from its slice in place.
+cache rides in the scan carry; each layer's attention function writes this step's K/V into its slice
+in place (a scatter, or inside the decode kernel) and reads it (model_zoo/attention.py's contract).
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model_zoo.attention import AttentionMetadata, paged_attention_xla, write_kv
+from model_zoo.attention import AttentionFn, AttentionMetadata, paged_attention_xla
 from model_zoo.config import ModelConfig, rope_inv_freq
 from model_zoo.params import param_specs
-
-AttentionFn = Callable[..., jax.Array]
 
 
 class DecoderLayers(nnx.Module):
@@ -158,10 +155,11 @@ class LlamaForCausalLM(nnx.Module):
             cache = {}
 
             def attend(q, k, v):
-                kc, vc = write_kv(k_cache, v_cache, layer, k, v, slots)
+                # The backend writes k/v at the slots (possibly inside its kernel) and attends.
+                out, kc, vc = self.attention_fn(q, k_cache, v_cache, layer, md_mb, scale=scale,
+                                                sliding_window=c.sliding_window, new_kv=(k, v))
                 cache["kv"] = (kc, vc)
-                return self.attention_fn(q, kc, vc, layer, md_mb, scale=scale,
-                                         sliding_window=c.sliding_window)
+                return out
 
             h = self._layer(h, p, positions, attend)
             return h, cache["kv"]

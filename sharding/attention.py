@@ -12,6 +12,9 @@ wrap makes "no collectives in attention" hold by construction rather than by pro
                                   replicated   -> [L, Hkv, ...]      (otherwise: see below)
     metadata, layer index:        replicated
     output [T, Hq, D]:            heads split, as q
+    new_kv k/v [T, Hkv, D]:       heads split as the cache, written inside the map (the backend
+                                  may fuse the write into its kernel); with a replicated cache,
+                                  written by GSPMD outside the map (see below)
 
 A replicated cache (n exceeds or does not divide the KV heads; sharding/layout.py) holds every KV
 head on every device, and device i's query heads [i*Hq/n, (i+1)*Hq/n) use KV heads
@@ -38,6 +41,7 @@ nor is a multiple of Hkv pay it; b == 1 (n a multiple of Hkv, e.g. MQA) costs no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Callable
@@ -45,6 +49,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from pallas_kernels.reference import write_kv
 
 logger = logging.getLogger("jaxllm")
 
@@ -77,6 +83,10 @@ class KVWindows:
 def shard_local_attention(attention_fn: Callable, mesh, config, head_axes: tuple[str, ...],
                           kv_split: bool) -> Callable:
     """`attention_fn` (signature of model_zoo.attention.paged_attention_xla) run per head shard.
+
+    Keeps the backend contract (model_zoo/attention.py): with ``new_kv=(k, v)`` it returns
+    ``(out, k_cache, v_cache)``. A head-split cache gets its new K/V inside the map, shard-local
+    (a backend may fuse the write into its kernel); a replicated one is written outside it.
 
     head_axes: the mesh axes the query heads are split over (not a pipeline axis: that one is
     manual already inside a stage); kv_split: the KV cache is split over the same axes (else it
@@ -113,15 +123,31 @@ def shard_local_attention(attention_fn: Callable, mesh, config, head_axes: tuple
         out = attention_fn(q_block, view(k_cache), view(v_cache), row, md, **kwargs)
         return jax.lax.dynamic_slice(out, (zero, offset, zero), (t, local_heads, d))
 
-    def attend(q, k_cache, v_cache, layer, md, **kwargs):
+    def attend(q, k_cache, v_cache, layer, md, *, new_kv=None, **kwargs):
         ambient = jax.sharding.get_abstract_mesh()
         in_stage = not ambient.empty and bool(ambient.manual_axes)
-        mapped = jax.shard_map(
-            lambda q, kc, vc, layer, md: local(q, kc, vc, layer, md, **kwargs),
-            mesh=ambient if in_stage else mesh, axis_names=frozenset(head_axes),
-            in_specs=(P(None, heads), cache_spec, cache_spec, P(), P()),
-            out_specs=P(None, heads), check_vma=False)
-        return mapped(q, k_cache, v_cache, jnp.asarray(layer, jnp.int32), md)
+        layer = jnp.asarray(layer, jnp.int32)
+        shard_map = functools.partial(jax.shard_map, mesh=ambient if in_stage else mesh,
+                                      axis_names=frozenset(head_axes), check_vma=False)
+        if new_kv is not None and windows is not None:
+            # A replicated cache: GSPMD scatters the new K/V into every copy, outside the map
+            # (the kernel's view of a KV-head block has no slot for heads outside it).
+            k_cache, v_cache = write_kv(k_cache, v_cache, layer, *new_kv, md.slot_mapping)
+            return attend(q, k_cache, v_cache, layer, md, **kwargs), k_cache, v_cache
+        if new_kv is None:
+            mapped = shard_map(
+                lambda q, kc, vc, layer, md: local(q, kc, vc, layer, md, **kwargs),
+                in_specs=(P(None, heads), cache_spec, cache_spec, P(), P()),
+                out_specs=P(None, heads))
+            return mapped(q, k_cache, v_cache, layer, md)
+        # Heads split: each device writes its own KV heads' new K/V (split like the cache: [T, Hkv, D]
+        # on axis 1) and returns its cache shard; still no collective.
+        mapped = shard_map(
+            lambda q, kc, vc, layer, md, new_kv: local(q, kc, vc, layer, md, new_kv=new_kv,
+                                                       **kwargs),
+            in_specs=(P(None, heads), cache_spec, cache_spec, P(), P(), P(None, heads)),
+            out_specs=(P(None, heads), cache_spec, cache_spec))
+        return mapped(q, k_cache, v_cache, layer, md, tuple(new_kv))
 
     attend.shard_local = attention_fn   # marks the wrap (attach does not wrap twice)
     return attend

@@ -291,18 +291,24 @@ def test_pallas_attention_runs_on_each_devices_own_heads(tp, pp, kv_heads, max_q
     """Under a TP mesh every Pallas kernel (prefill and decode) sits inside a shard_map that is
     manual over tp, sees Hq/tp query heads and only its KV heads (Hkv/tp, or with the cache
     replicated at TP 4 over 2 KV heads, the one its queries use), and the step has the same
-    collectives as with XLA attention: no all-gather of q or the cache around the opaque kernel."""
+    collectives as with XLA attention: no all-gather of q or the cache around the opaque kernel.
+    A head-split cache gets the new K/V inside the map (fused into the decode kernel: its
+    [T, Hkv/tp, D] operands) and comes back from it; a replicated one is written outside."""
     jaxpr, hlo = _traced_step(tp, pp, attention="pallas", num_kv_heads=kv_heads, head_dim=16,
                               max_query_len=max_query_len)
     calls = _pallas_calls(jaxpr.jaxpr)
     assert len(calls) == 1                                   # in the (stage's) layer scan
+    kv_split = kv_heads % tp == 0
     for manual, shard_outputs, operands in calls:
         assert "tp" in manual
-        (out,) = shard_outputs                                  # [T (a micro-batch), Hq/tp, D]
+        out, *cache_outs = shard_outputs                        # [T (a micro-batch), Hq/tp, D]
         assert out[1:] == (8 // tp, 16)
         caches = [s for s in operands if len(s) == 5]
         assert len(caches) == 2
-        assert {c[1] for c in caches} == {kv_heads // tp if kv_heads % tp == 0 else 1}
+        assert {c[1] for c in caches} == {kv_heads // tp if kv_split else 1}
+        assert cache_outs == (caches if kv_split else [])
+        fused = kv_split and max_query_len == 1
+        assert ((out[0], kv_heads // tp, 16) in operands) == fused
     xla = _collectives(tp, pp, num_kv_heads=kv_heads, head_dim=16)
     assert _count_collectives(hlo) == xla
     assert xla["all-gather"] == 0
