@@ -19,7 +19,9 @@ table says how to run them.
            torch.compile: HF_COMPILE), after the server has stopped, so it has the GPU to itself.
            Fixed lengths are HF's best case (no row of a batch waits for a longer one), so the
            default random workload gives a conservative ratio; sharegpt-synthetic the realistic one
-           (with HF_COMPILE=off there: every batch has its own shapes, so compiled would recompile).
+           (with HF_COMPILE=off there: every batch has its own shapes, so compiled would recompile;
+           and HF_PROMPTS=64, one batch: on an H200, eager HF took ~60 s a batch of 64 plus as much
+           again for its warm-up, and 128 prompts ran past the HF guard).
   buckets  `bench buckets`, one process per ladder of LADDERS (';'-separated TOKENSxSEQS specs), on
            BUCKETS_DATASET (BUCKETS_PROMPTS), merged into one table and recommendation. The default
            ladders are the main ladder, a subset and a superset of it: the shapes they share load

@@ -248,8 +248,15 @@ _TARGETS = [
                  "sharegpt-served-inf.json", "sharegpt-offline.json"),
     _served_over("jaxllm (served, 64 in flight) / HF transformers (batch 64), random 1024/128, 8B bf16, H100",
                  ">= 10x", "random1024-served-c64.json", "random1024-hf-b64.json"),
-    _served_over("jaxllm (served, 64 in flight) / HF transformers (batch 64), sharegpt-synthetic, 8B bf16, H100",
-                 ">= 10x", "sharegpt-served-c64.json", "sharegpt-hf-b64.json"),
+    _served_over("jaxllm (served, 64 in flight) / HF transformers (batch 64), random 1024/128, 8B bf16, H200",
+                 ">= 10x", "random1024-served-c64.json", "random1024-hf-b64.json", suite=_SUITE_H200),
+    # Ragged lengths: HF's static batch of 64 runs until its longest request ends, and torch.compile
+    # would recompile for every batch's shapes, so HF runs eager here (the suite's HF_COMPILE=off).
+    _served_over("jaxllm (served, 64 in flight) / HF transformers (batch 64, eager), sharegpt-synthetic, "
+                 "64 prompts, 8B bf16, H200", ">= 10x", "sharegpt-served-c64.json", "sharegpt-hf-b64.json",
+                 suite=_SUITE_H200),
+    _served_over("jaxllm (served, 64 in flight) / HF transformers (batch 64, eager), sharegpt-synthetic, "
+                 "64 prompts, 8B bf16, H100", ">= 10x", "sharegpt-served-c64.json", "sharegpt-hf-b64.json"),
 ]
 
 

@@ -29,7 +29,13 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # want few, small executables.
 # On CPU the XLA attention gathers each token's whole block table, so the default context is capped
 # too (an explicit --max-model-len still goes up to the model's limit).
-_GPU_DEFAULTS = dict(max_num_batched_tokens=2048)
+# The GPU ladder is the one `jaxllm bench buckets` chose (8B bf16, sharegpt-synthetic, 300 prompts;
+# H200, results/2026-11-21-h200-8b-buckets.json): tokens 512,2048 x seqs 1,64,256 (12 executables)
+# gave 3821 out tok/s and a 18.5 ms lone-request TTFT; 2048-only (9) lost little throughput (3754)
+# but a short prompt arriving alone waited 2.7x longer (50.4 ms, padded to 2048 rows of prefill);
+# adding 1024 (15) bought 1.5% for 3 more executables. Rungs above the engine's limits are dropped
+# and the limits themselves are always rungs (BucketLadder.build).
+_GPU_DEFAULTS = dict(max_num_batched_tokens=2048, token_buckets=(512, 2048), seq_buckets=(1, 64, 256))
 _CPU_DEFAULTS = dict(max_num_batched_tokens=128, max_num_seqs=32, max_model_len=2048,
                      token_buckets=(16, 128), seq_buckets=(8, 32))
 

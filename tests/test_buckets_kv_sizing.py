@@ -63,3 +63,22 @@ def test_kv_plan_gpu_uses_utilization_minus_weights_and_override_wins():
         plan_kv_cache(LLAMA8B, page_size=16, dtype_bytes=2, platform="gpu", gpu_memory_utilization=0.2,
                       num_gpu_blocks_override=None, kv_cache_memory=None, max_model_len=None,
                       device_memory=mem, max_num_batched_tokens=2048, max_num_seqs=256)
+
+
+def test_gpu_default_ladder_is_the_measured_one_and_follows_the_engine_limits():
+    from serving.engine_builder import _GPU_DEFAULTS
+
+    def build(tokens, seqs):
+        return BucketLadder.build(max_num_batched_tokens=tokens, max_num_seqs=seqs, max_pages_per_seq=128,
+                                  token_buckets=_GPU_DEFAULTS["token_buckets"],
+                                  seq_buckets=_GPU_DEFAULTS["seq_buckets"], paged_width_buckets=False)
+
+    # The defaults' limits give exactly the ladder bench buckets chose (12 executables on the GPU).
+    ladder = build(_GPU_DEFAULTS["max_num_batched_tokens"], 256)
+    assert (ladder.token_buckets, ladder.seq_buckets) == ((512, 2048), (1, 64, 256))
+    # Raised limits become the top rungs; lowered ones drop the rungs above them.
+    ladder = build(8192, 512)
+    assert (ladder.token_buckets, ladder.seq_buckets) == ((512, 2048, 8192), (1, 64, 256, 512))
+    ladder = build(256, 32)
+    assert (ladder.token_buckets, ladder.seq_buckets) == ((256,), (1, 32))
+    assert ladder.select(200, 5, 3) == (256, 32, 128)
