@@ -74,7 +74,9 @@ def plot_ladders(rows: Sequence[dict], path: str | Path, *, title: str = "") -> 
     panels = [("output_throughput", "output tok/s"), ("itl_p50_ms", "ITL P50 (ms)"), ("itl_p99_ms", "ITL P99 (ms)"),
               ("padding_waste_pct", "padding waste %"), ("num_executables", "executables"),
               ("compile_s", "compile time (s)")]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    if any(r.get("lone_ttft_p50_ms") is not None for r in rows):   # measured since 04f8a48
+        panels[3:3] = [("lone_ttft_p50_ms", "lone-request TTFT P50 (ms)")]
+    fig, axes = plt.subplots(2, -(-len(panels) // 2), figsize=(5 * -(-len(panels) // 2), 7.5))
     names = [r["ladder"] for r in rows]
     x = np.arange(len(rows))
     for ax, (key, label) in zip(axes.flat, panels):
@@ -83,6 +85,8 @@ def plot_ladders(rows: Sequence[dict], path: str | Path, *, title: str = "") -> 
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=7)
         ax.set_title(label)
         ax.grid(axis="y", alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
     fig.suptitle(title or "Bucket ladders")
     fig.tight_layout()
     return _save(fig, path, plt)
