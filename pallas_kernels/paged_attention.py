@@ -10,8 +10,14 @@ keyword-only static options, so the model switches backends by swapping the func
 sequence contributes at most one query token this step and selects the decode kernel (one program
 per token x kv head x key split, the key range split so a single long sequence still fills the GPU);
 anything else (or ``None``) selects the ragged prefill kernel (query blocks of one sequence each,
-causal masking), which is correct for decode too, just slower there. The decode kernel treats every
-token independently, so a wrong hint costs speed, never correctness.
+causal masking), which is correct for decode too, just slower there. Without ``new_kv`` the decode
+kernel treats every token independently, so a wrong hint costs speed, never correctness.
+
+``new_kv=(k, v)`` (the models always pass it) also writes this step's keys/values at
+``md.slot_mapping`` and returns ``(out, k_cache, v_cache)``: inside the Triton decode kernel on a
+decode step (no separate scatter kernel per layer), by ``write_kv`` before the kernel elsewhere.
+The fused write needs the hint to hold: a second token of one sequence in the same step would not
+see the first one's key, which is written during the kernel, not before it.
 
 Which lowering runs: the Triton-lowered Pallas kernels in ``triton_attention.py`` by default, on
 every CUDA GPU including Hopper (and in interpret mode on the CPU, ``interpret=True``, which the

@@ -14,6 +14,14 @@ Both kernels work on one KV head and the whole group of query heads that share i
 K/V page is read once per (token or query block, kv head). Triton's ``dot`` needs at least 16 rows,
 so the group is padded with zero query rows (``padded_group``); padded rows are dropped on return.
 
+The decode kernel can also write this step's K/V into the cache (``new_kv``; the model's decode
+steps do): the caches become outputs aliased to the cache inputs and one program per (token, kv
+head) stores the token's key/value at its slot, masked off for out-of-range slots (padding, pipeline
+bubbles). The kernel then reads cached keys [lo, kv_len - 1) only; the new key (position kv_len - 1,
+visible under any window) enters split 0's online softmax from registers. No program uses a value
+read from that slot: the page holding it may still be loaded as part of a block (by the token's own
+split programs), where the key is masked and its finite old or new value gets weight exactly 0.
+
 Masking uses a large finite negative instead of -inf so that a fully masked block never produces
 ``inf - inf``: its bogus probabilities are multiplied by ``exp(mask - m_real) == 0`` as soon as a
 block with a visible key for that row arrives, and every real row sees at least its own key.

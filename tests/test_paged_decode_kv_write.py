@@ -203,3 +203,69 @@ def test_fused_decode_lowers_for_cuda(num_splits, soft_cap, sliding_window):
     aliases = re.findall(r"output_tuple_indices = \[(\d+)\], operand_index = (\d+)", text)
     first = 3 if num_splits > 1 else 1                     # after o (and m, l with splits)
     assert sorted(aliases) == [(str(first), "4"), (str(first + 1), "5")]
+
+
+def _primitives(jaxpr):
+    """(primitive name, params) of every equation, sub-jaxprs included."""
+    from jax.extend import core as jcore
+
+    found = []
+    for eqn in jaxpr.eqns:
+        found.append((eqn.primitive.name, eqn.params))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = sub.jaxpr if isinstance(sub, jcore.ClosedJaxpr) else sub
+                if isinstance(sub, jcore.Jaxpr):
+                    found += _primitives(sub)
+    return found
+
+
+def test_model_decode_step_writes_kv_inside_the_kernel():
+    # A Llama decode step on the Pallas backend: the kernel writes K/V (no scatter into the cache
+    # is left in the step) and logits and caches match the XLA backend's step.
+    import functools
+
+    from flax import nnx
+
+    from model_zoo.attention import AttentionMetadata
+    from model_zoo.config import ModelConfig
+    from model_zoo.llama import LlamaForCausalLM, init_kv_cache
+    from model_zoo.loaders.dummy import dummy_params
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=128, hidden_size=64,
+                      intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=2,
+                      head_dim=16)
+    params = {k: v * (1 if k.endswith("norm") else 10)     # K/V far from zero
+              for k, v in dummy_params(cfg, jnp.float32, seed=1).items()}
+    page, num_pages = 8, 6
+    kernel = functools.partial(paged_attention, interpret=True, max_query_len=1)
+    steps = {}
+    for name, fn in (("xla", paged_attention_xla), ("pallas", kernel)):
+        graphdef, state = nnx.split(LlamaForCausalLM(cfg, params, attention_fn=fn))
+        steps[name] = lambda kv, tokens, md, graphdef=graphdef, state=state: nnx.merge(
+            graphdef, state)(tokens, kv, md, jnp.arange(tokens.shape[0]))
+    i32 = lambda *a: jnp.asarray(np.array(a, np.int32))  # noqa: E731
+    # Two sequences (10 tokens in pages 1-2, 3 tokens in page 3) prefilled by the XLA backend.
+    prefill_md = AttentionMetadata(
+        positions=i32(*range(10), *range(3)), token_seq_ids=i32(*[0] * 10, *[1] * 3),
+        slot_mapping=i32(*range(8, 18), *range(24, 27)), block_tables=i32([1, 2], [3, 0]),
+        seq_lens=i32(10, 3), query_start_loc=i32(0, 10, 13))
+    kv = init_kv_cache(cfg, num_pages, page, jnp.float32)
+    _, kv = jax.jit(steps["xla"])(kv, jnp.arange(13, dtype=jnp.int32) % 128, prefill_md)
+    # Decode: one token each (positions 10 and 3) and one padding token (out-of-range slot).
+    md = AttentionMetadata(positions=i32(10, 3, 0), token_seq_ids=i32(0, 1, 0),
+                           slot_mapping=i32(18, 27, num_pages * page), block_tables=i32([1, 2], [3, 0]),
+                           seq_lens=i32(11, 4), query_start_loc=i32(0, 1, 2))
+    tokens = i32(5, 77, 0)
+    names = {name: [(prim, params.get("name")) for prim, params in
+                    _primitives(jax.make_jaxpr(step)(kv, tokens, md).jaxpr)]
+             for name, step in steps.items()}
+    assert ("pallas_call", "jaxllm_paged_decode_kv_write") in names["pallas"]
+    assert [p for p, _ in names["xla"] if p == "scatter"]            # the unfused step scatters
+    assert not [p for p, _ in names["pallas"] if p == "scatter"]
+    want_logits, want_kv = jax.jit(steps["xla"])(kv, tokens, md)
+    got_logits, got_kv = jax.jit(steps["pallas"])(kv, tokens, md)
+    np.testing.assert_allclose(np.asarray(got_logits)[:2], np.asarray(want_logits)[:2],
+                               rtol=1e-4, atol=1e-4 * np.abs(np.asarray(want_logits)).max())
+    for got, want in zip(got_kv, want_kv):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
