@@ -1,7 +1,7 @@
 """Attention-kernel benchmark on one GPU: correctness vs the jnp reference, then speed, in one run.
 
     PYTHONPATH=$PWD python benchmarks/kernels.py --out results.json [--plot results.png]
-        [--quick] [--budget-s 420] [--commit HASH] [--tune] [--decode-only]
+        [--quick] [--budget-s 420] [--commit HASH] [--tune] [--decode-only] [--interpret]
 
 Decode: effective bandwidth = (KV bytes read + q + out bytes) / time, next to a device-to-device
 copy measured in the same process, for batch x context (issue 4's matrix: 32 q heads, 8 kv heads,
@@ -10,6 +10,15 @@ Mosaic GPU one, ``kernel="mosaic"``, Hopper only), JAX's own
 ``jax.experimental.pallas.ops.gpu.paged_attention`` (its layout [Hkv, P, page, D] per layer), and
 the XLA gather path (``model_zoo.attention.paged_attention_xla``, only where its gathered copy fits).
 Prefill: causal attention TFLOP/s for 2k-8k-token chunks against a dense bf16 matmul.
+
+The K/V write (``write_kv`` rows): the decode kernel with this step's K/V written in (the model's
+``new_kv``), timed the way a model step runs it: a scan over layers of one cache, the cache in the
+carry and donated. Three variants per shape: the kernel alone, XLA's scatter then the kernel
+(the unfused path), and the Triton kernel with the write fused (``triton+write``); the per-call
+difference to the kernel alone is what the write costs. ``cache_copies`` counts copies of the whole
+cache in the compiled fused step (should be 0: the kernel's caches alias its operands).
+``--interpret`` is the CPU check of this script: our kernels in Pallas interpret mode on tiny
+shapes, without the GPU-only comparisons; its timings mean nothing.
 
 Timing: each call's inputs rotate over enough separate caches that the working set is far past L2;
 decode calls are unrolled once per cache copy (up to 8, never twice on one copy: XLA would merge
@@ -20,9 +29,11 @@ hide small kernels), and we take the median of several repetitions. The script w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -31,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model_zoo.attention import AttentionMetadata, paged_attention_xla
+from model_zoo.attention import AttentionMetadata, paged_attention_xla, write_kv
 from pallas_kernels import mosaic_attention
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.reference import paged_attention_reference
@@ -39,6 +50,7 @@ from pallas_kernels.testing import make_batch
 
 H, HKV, D, PAGE = 32, 8, 128, 16
 DECODE_IMPLS = ("pallas_triton", "pallas_mosaic", "jax_pallas_paged", "xla_gather")
+WRITE_IMPLS = ("triton", "triton+scatter", "triton+write")   # the write_kv rows
 BATCHES = (1, 8, 32, 64, 128, 256)
 CONTEXTS = (512, 1024, 2048, 4096, 8192, 32768)
 START = time.time()
@@ -62,18 +74,20 @@ def timed(fn, inputs, *, iters, reps=5):
     return statistics.median(times)
 
 
-def copy_bandwidth():
+def copy_bandwidth(nbytes=1 << 31, use_torch=True):
     """Bytes read + written per second by the fastest of a few 2 GiB device-to-device copies.
 
     The fraction-of-copy figures divide by the FASTEST one measured, which is the stricter bar.
     """
     found = {}
     for dtype in (jnp.bfloat16, jnp.float32):
-        x = jax.random.normal(jax.random.key(0), ((1 << 31) // jnp.dtype(dtype).itemsize,), dtype)
+        x = jax.random.normal(jax.random.key(0), (nbytes // jnp.dtype(dtype).itemsize,), dtype)
         f = jax.jit(lambda a: a + jnp.asarray(1, a.dtype))                # one read + one write
         found[f"xla_add_{jnp.dtype(dtype).name}"] = 2 * x.nbytes / timed(f, [(x,)], iters=20)
         del x
     try:
+        if not use_torch:
+            return max(found.values()), found
         import torch
         a = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()
         b = torch.empty_like(a)
@@ -93,8 +107,7 @@ def copy_bandwidth():
     return max(found.values()), found
 
 
-def matmul_rate():
-    n = 8192
+def matmul_rate(n=8192):
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
     t = timed(jax.jit(jnp.matmul), [(a, b)], iters=10)
@@ -131,7 +144,7 @@ def rel_err(out, ref):
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def correctness(results):
+def correctness(results, interpret=False):
     """Small random ragged batches on the GPU: every implementation vs the jnp reference."""
     rng = np.random.default_rng(0)
     cases = []
@@ -155,10 +168,11 @@ def correctness(results):
                     jnp.int32(1), b.metadata())
             ref = paged_attention_reference(*args, scale=d ** -0.5, **kw)
             n = len(b.positions) - n_pad
-            impls = {"pallas_triton": functools.partial(paged_attention, max_query_len=mql)}
+            impls = {"pallas_triton": functools.partial(paged_attention, max_query_len=mql,
+                                                        interpret=interpret)}
             # The Mosaic kernel is decode-only; where it does not support a shape the dispatcher
             # runs Triton, which must not be reported under its name.
-            if mql == 1 and mosaic_attention.unsupported_reason(
+            if not interpret and mql == 1 and mosaic_attention.unsupported_reason(
                     dtype=dtype, head_dim=d, group=g, page_size=page,
                     pages_per_block=max(1, 64 // page)) is None:
                 impls["pallas_mosaic"] = functools.partial(paged_attention, max_query_len=1,
@@ -173,7 +187,36 @@ def correctness(results):
                                     head_dim=d, page_size=page, **kw, rel_err=err, ok=ok))
                 if not ok:
                     log("CORRECTNESS FAIL", results[-1])
+        results.append(dict(kind="decode", impl="pallas_triton+write", dtype=np.dtype(dtype).name,
+                            group=g, head_dim=d, page_size=page, **kw,
+                            **fused_write_check(rng, dec, 2, tol, interpret, **kw)))
+        if not results[-1]["ok"]:
+            log("CORRECTNESS FAIL", results[-1])
     log(f"correctness: {sum(r['ok'] for r in results)}/{len(results)} ok")
+
+
+def fused_write_check(rng, b, n_pad, tol, interpret, **kw):
+    """The decode kernel with this step's K/V written in (``new_kv``) against write_kv then the
+    reference: output within ``tol``, the returned caches equal to write_kv's bit for bit. The new
+    keys differ from what the cache holds at their slots; padding slots are out of range."""
+    t, d = len(b.positions), b.q.shape[-1]
+    slots = b.slot_mapping.copy()
+    slots[t - n_pad:] = b.k_cache.shape[2] * b.k_cache.shape[3]
+    md = dataclasses.replace(b.metadata(), slot_mapping=jnp.asarray(slots))
+    new_kv = tuple(jnp.asarray(rng.standard_normal((t, b.k_cache.shape[1], d)), b.q.dtype)
+                   for _ in range(2))
+    q, caches = jnp.asarray(b.q), (jnp.asarray(b.k_cache), jnp.asarray(b.v_cache))
+    want_k, want_v = write_kv(*caches, 1, *new_kv, md.slot_mapping)
+    ref = paged_attention_reference(q, want_k, want_v, jnp.int32(1), md, scale=d ** -0.5, **kw)
+    try:
+        out, k, v = paged_attention(q, *caches, jnp.int32(1), md, scale=d ** -0.5,
+                                    max_query_len=1, new_kv=new_kv, interpret=interpret, **kw)
+        err = rel_err(out[:t - n_pad], ref[:t - n_pad])
+        exact = bool(jnp.array_equal(k, want_k) and jnp.array_equal(v, want_v))
+    except Exception as e:  # noqa: BLE001 - record and go on: the table says what failed
+        err, exact = f"error: {type(e).__name__}: {str(e)[:300]}", False
+    return dict(rel_err=err, caches_exact=exact,
+                ok=isinstance(err, float) and err <= tol and exact)
 
 
 def jax_paged(q, k, v, md, **kw):
@@ -181,12 +224,12 @@ def jax_paged(q, k, v, md, **kw):
     return jpa.paged_attention(q, k[0], v[0], md.block_tables, md.seq_lens, **kw)
 
 
-def bench_decode(batch, ctx, copy_bw, tune, budget):
+def bench_decode(batch, ctx, copy_bw, tune, budget, interpret=False):
     kv_bytes = batch * ctx * HKV * D * 2 * 2
     io_bytes = kv_bytes + 2 * batch * H * D * 2
     copies = max(1, min(8, math.ceil(512e6 / kv_bytes)))
     sets = decode_inputs(batch, ctx, copies)
-    iters = max(3, min(200, int(2e9 / kv_bytes)))
+    iters = 3 if interpret else max(3, min(200, int(2e9 / kv_bytes)))
     # One call per cache copy: identical calls on identical inputs would be merged by XLA's CSE.
     calls = copies
     row = dict(batch=batch, context=ctx, kv_bytes=kv_bytes,
@@ -200,16 +243,19 @@ def bench_decode(batch, ctx, copy_bw, tune, budget):
             # `calls` back-to-back calls inside ONE executable, rotating over the cache copies:
             # device time per call without Python dispatch (which would dominate small shapes).
             many = jax.jit(lambda sets: [fn(*sets[i % len(sets)]) for i in range(calls)])
-            t = timed(many, [(sets,)], iters=max(3, iters // calls)) / calls
+            t = timed(many, [(sets,)], iters=max(3, iters // calls), reps=1 if interpret else 5)
+            t /= calls
             row[name] = dict(us=t * 1e6, tb_s=io_bytes / t / 1e12, frac_copy=io_bytes / t / copy_bw)
         except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
             row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
 
-    ours = jax.jit(functools.partial(paged_attention, scale=scale, max_query_len=1))
+    ours = jax.jit(functools.partial(paged_attention, scale=scale, max_query_len=1,
+                                     interpret=interpret))
     run("pallas_triton", lambda q, k, v, md: ours(q, k, v, jnp.int32(0), md))
-    mosaic = jax.jit(functools.partial(paged_attention, scale=scale, max_query_len=1,
-                                       kernel="mosaic"))
-    run("pallas_mosaic", lambda q, k, v, md: mosaic(q, k, v, jnp.int32(0), md))
+    if not interpret:
+        mosaic = jax.jit(functools.partial(paged_attention, scale=scale, max_query_len=1,
+                                           kernel="mosaic"))
+        run("pallas_mosaic", lambda q, k, v, md: mosaic(q, k, v, jnp.int32(0), md))
     if tune:
         max_pages = ctx // PAGE
         for ppb, nw, ns in ((4, 4, 1), (4, 4, 2), (4, 4, 3), (8, 4, 1), (8, 4, 2), (8, 4, 3),
@@ -235,8 +281,9 @@ def bench_decode(batch, ctx, copy_bw, tune, budget):
                        key=lambda n: row[n]["tb_s"], default=None)
             if best:
                 log(f"  best variant {best}: {row[best]['tb_s']:.2f} TB/s")
-    theirs = jax.jit(functools.partial(jax_paged, k_splits=min(16, ctx // PAGE // 2)))
-    run("jax_pallas_paged", lambda q, k, v, md: theirs(q, k, v, md))
+    if not interpret:
+        theirs = jax.jit(functools.partial(jax_paged, k_splits=min(16, ctx // PAGE // 2)))
+        run("jax_pallas_paged", lambda q, k, v, md: theirs(q, k, v, md))
     if batch * ctx <= 64 * 1024:
         xla = jax.jit(functools.partial(paged_attention_xla, scale=scale))
         run("xla_gather", lambda q, k, v, md: xla(q, k, v, jnp.int32(0), md))
@@ -247,7 +294,72 @@ def bench_decode(batch, ctx, copy_bw, tune, budget):
         elif name in row:
             line += f"| {name} {row[name]['error'][:80]} "
     log(line)
+    if time.time() - START <= budget:
+        row["write_kv"] = bench_decode_write(sets, io_bytes, copy_bw, iters=iters,
+                                             interpret=interpret)
+        log(f"decode B={batch:4d} ctx={ctx:6d} K/V write, us per layer: " + " | ".join(
+            f"{n} {r['us']:.1f}" if "us" in r else f"{n} {r['error'][:80]}"
+            for n, r in row["write_kv"].items() if isinstance(r, dict) and n in WRITE_IMPLS)
+            + f" | cache copies {row['write_kv']['cache_copies']}")
     return row
+
+
+def _cache_copies(hlo: str, shape) -> int:
+    """Copies of a whole [L, Hkv, P, page, D] cache in compiled HLO text."""
+    dims = ",".join(map(str, shape))
+    return len(re.findall(rf"\[{dims}\]\{{[^}}]*\}} copy(?:-start)?\(", hlo))
+
+
+def bench_decode_write(sets, io_bytes, copy_bw, *, iters, interpret):
+    """The K/V write rows (module docstring): the cache copies stacked as the layers of one cache,
+    one scan over them per call, cache carried and donated, copy 0's queries and metadata."""
+    q, _, _, md = sets[0]
+    layers = len(sets)
+    caches = [jnp.concatenate([s[1] for s in sets]), jnp.concatenate([s[2] for s in sets])]
+    new_k, new_v = (jax.random.normal(key, (layers, q.shape[0], HKV, D), q.dtype)
+                    for key in jax.random.split(jax.random.key(9)))
+    attn = functools.partial(paged_attention, scale=D ** -0.5, max_query_len=1,
+                             interpret=interpret)
+
+    def step(variant, kc, vc, q, md, new_k, new_v):
+        def layer(carry, xs):
+            kc, vc = carry
+            i, k, v = xs
+            if variant == "triton+write":
+                out, kc, vc = attn(q, kc, vc, i, md, new_kv=(k, v))
+            else:
+                if variant == "triton+scatter":
+                    kc, vc = write_kv(kc, vc, i, k, v, md.slot_mapping)
+                out = attn(q, kc, vc, i, md)
+            return (kc, vc), out
+        (kc, vc), outs = jax.lax.scan(layer, (kc, vc), (jnp.arange(layers, dtype=jnp.int32),
+                                                        new_k, new_v))
+        return kc, vc, outs
+
+    result = dict(layers=layers, cache_copies={})
+    calls = max(2, iters // layers)
+    for variant in WRITE_IMPLS:
+        try:
+            args = (q, md, new_k, new_v)
+            fn = jax.jit(functools.partial(step, variant), donate_argnums=(0, 1)).lower(
+                *caches, *args).compile()
+            result["cache_copies"][variant] = _cache_copies(fn.as_text(), caches[0].shape)
+            kc, vc, out = fn(*caches, *args)                               # warm-up
+            jax.block_until_ready(out)
+            times = []
+            for _ in range(1 if interpret else 5):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    kc, vc, out = fn(kc, vc, *args)
+                jax.block_until_ready((kc, vc, out))
+                times.append((time.perf_counter() - t0) / (calls * layers))
+            caches = [kc, vc]      # the donated inputs are gone; the returned caches carry on
+            t = statistics.median(times)
+            result[variant] = dict(us=t * 1e6, tb_s=io_bytes / t / 1e12,
+                                   frac_copy=io_bytes / t / copy_bw)
+        except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
+            result[variant] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+    return result
 
 
 PREFILL_VARIANTS = {
@@ -261,7 +373,7 @@ PREFILL_VARIANTS = {
 }
 
 
-def bench_prefill(chunk, mm_rate, budget, tune):
+def bench_prefill(chunk, mm_rate, budget, tune, interpret=False):
     if time.time() - START > budget:
         return None
     pps = chunk // PAGE
@@ -280,9 +392,10 @@ def bench_prefill(chunk, mm_rate, budget, tune):
     for name, kw in PREFILL_VARIANTS.items():
         if name != "pallas_triton" and not tune:
             continue
-        f = jax.jit(functools.partial(paged_attention, scale=D ** -0.5, **kw))
+        f = jax.jit(functools.partial(paged_attention, scale=D ** -0.5, interpret=interpret, **kw))
         try:
-            t = timed(lambda: f(q, k, v, jnp.int32(0), md), [()], iters=10)
+            t = timed(lambda: f(q, k, v, jnp.int32(0), md), [()], iters=2 if interpret else 10,
+                      reps=1 if interpret else 5)
             row[name] = dict(ms=t * 1e3, tflops=flops / t / 1e12, frac_matmul=flops / t / mm_rate)
         except Exception as e:  # noqa: BLE001
             row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
@@ -319,36 +432,45 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep decode block sizes too")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill chunks")
+    ap.add_argument("--interpret", action="store_true",
+                    help="CPU check of this script: our kernels in Pallas interpret mode on tiny "
+                         "shapes, GPU-only comparisons skipped (its timings mean nothing)")
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
     report = dict(device=dev.device_kind, jax=jax.__version__, commit=args.commit,
                   shape=dict(q_heads=H, kv_heads=HKV, head_dim=D, page_size=PAGE, dtype="bfloat16"),
-                  correctness=[], decode=[], prefill=[])
+                  interpret=args.interpret, correctness=[], decode=[], prefill=[])
 
     def save():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
 
-    report["copy_bytes_per_s"], report["copy_measurements"] = copy_bandwidth()
-    report["matmul_flops"] = matmul_rate()
+    small = args.interpret                  # the CPU check: small ceilings, no torch
+    report["copy_bytes_per_s"], report["copy_measurements"] = copy_bandwidth(
+        1 << 24 if small else 1 << 31, use_torch=not small)
+    report["matmul_flops"] = matmul_rate(256 if small else 8192)
     log(f"{dev.device_kind} jax {jax.__version__}: copy {report['copy_bytes_per_s'] / 1e12:.2f} TB/s"
         f" {({k: round(v / 1e12, 2) for k, v in report['copy_measurements'].items()})},"
         f" bf16 matmul {report['matmul_flops'] / 1e12:.0f} TFLOP/s")
-    correctness(report["correctness"])
+    correctness(report["correctness"], interpret=args.interpret)
     save()
     shapes = [(b, c) for b in BATCHES for c in CONTEXTS]
     if args.quick:
         shapes = [(32, 2048), (128, 4096), (1, 32768), (8, 8192), (256, 1024)]
+    if args.interpret:
+        shapes = [(2, 128)]
     for b, c in shapes:
-        tune = args.tune and (b, c) in ((32, 2048), (128, 4096), (1, 32768), (256, 1024),
-                                        (8, 8192))
+        tune = args.tune and not args.interpret and (b, c) in (
+            (32, 2048), (128, 4096), (1, 32768), (256, 1024), (8, 8192))
         report["decode"].append(bench_decode(b, c, report["copy_bytes_per_s"], tune,
-                                             args.budget_s))
+                                             args.budget_s, interpret=args.interpret))
         save()
-    for chunk in () if args.decode_only else (2048, 4096, 8192):
-        row = bench_prefill(chunk, report["matmul_flops"], args.budget_s + 60, args.tune)
+    chunks = (64,) if args.interpret else (2048, 4096, 8192)
+    for chunk in () if args.decode_only else chunks:
+        row = bench_prefill(chunk, report["matmul_flops"], args.budget_s + 60, args.tune,
+                            interpret=args.interpret)
         if row:
             report["prefill"].append(row)
             save()
@@ -363,6 +485,20 @@ def main(argv=None):
                                             if "tb_s" in c else "error"))
         mark = " (L2)" if r.get("l2_resident") else ""
         print(f"| {r['batch']} | {r['context']}{mark} | " + " | ".join(cells) + " |")
+    print("\n| batch | context | layers | triton (us/layer) | triton + XLA scatter | triton+write "
+          "| write saves (us/layer) | cache copies (scatter / write) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in report["decode"]:
+        w = r.get("write_kv")
+        if not w:
+            continue
+        us = [w[n]["us"] if "us" in w.get(n, {}) else None for n in WRITE_IMPLS]
+        cells = ["error" if u is None else f"{u:.1f}" for u in us]
+        saved = "-" if None in us[1:] else f"{us[1] - us[2]:.1f}"
+        copies = w["cache_copies"]
+        print(f"| {r['batch']} | {r['context']} | {w['layers']} | " + " | ".join(cells)
+              + f" | {saved} | {copies.get('triton+scatter', '-')} / "
+              f"{copies.get('triton+write', '-')} |")
     for r in report["prefill"]:
         c = r.get("pallas_triton", {})
         if "tflops" in c:
