@@ -16,6 +16,14 @@
 #   C-mosaic         decode attention on the Mosaic GPU kernel (TMA ring; never run on a GPU before: check
 #                    benchmarks/kernels.py's pallas_mosaic correctness rows first): the Triton kernel takes
 #                    71 us a layer at batch 64 x ctx 512 (~31% of copy); at 80% of copy, ~28 us: -1.4 ms a step.
+# Session 5 (H100 unless named; results/2026-11-21-*-decode-profile-<tag>.json):
+#   E-kvwrite        the K/V write fused into the Triton decode kernel (default since bdbea8f):
+#                    batch-1 5.789 ms (predicted -0.12..-0.16 ms vs 5.928: -0.139), batch 64 9.075.
+#   C-mosaic         5.932 / 9.029 ms: ties Triton in the engine (the predicted -1.4 ms at batch 64
+#                    did not come: the kernel-alone gain at 128 x 4k does not carry to 64 x 512).
+#   tp1/tp2-same-run (2 x H200, one run; BASE="--batch 1,64", the variants' extra args set the TP
+#                    size): TP1 4.368 / 7.255 ms, TP2 5.404 / 5.917 ms; TP2 idles 48% of a step.
+# On the GPU machine the tree's git metadata can be stale: pass JAXLLM_COMMIT explicitly.
 # (No NCCL symmetric-memory variant: the GPU hosts keep NVLink multicast off, NCCL_NVLS_ENABLE=0,
 # because a program using it can take the shared GPUs out of service; leave those settings alone.)
 # For tensor parallelism (TP2 on H200: 67 all-reduces of 16 KB cost ~3 ms of a 5.8 ms device step,

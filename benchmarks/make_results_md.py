@@ -199,7 +199,8 @@ _SUITE = "*-h100-8b-"
 # Files of benchmarks/gpu_profile.py: steady decode steps timed without the profiler, then profiled.
 # 1-packed: batch 1 and 64 plus a 2k-token prefill; 2-B-mindec2: batch 1 with the 2-row decode
 # executables (ModelRunner.min_decode_tokens = 2, the default since); 3-async: batch 1 and 64 with
-# async scheduling (the default since).
+# async scheduling (the default since); E-kvwrite: batch 1 and 64 with the K/V write fused into the
+# Triton decode kernel (the default since bdbea8f).
 _PROFILE = "*-h100-decode-profile-"
 
 
@@ -216,11 +217,11 @@ def _served_over(figure: str, target: str, served: str, base: str, suite: str = 
 # superseded by the gpu_profile and suite rows below; their sections further down keep them.
 _TARGETS = [
     Target("batch-1 decode step, 8B bf16, context 512, H100 (gpu_profile, unprofiled median)", "<= 5.8 ms",
-           _PROFILE + "3-async.json", ("runs", 0, "step_ms_unprofiled_median"), "ms"),
+           _PROFILE + "E-kvwrite.json", ("runs", 0, "step_ms_unprofiled_median"), "ms"),
     Target("prefill of a 2k-token prompt: model TFLOP/s / dense bf16 matmul TFLOP/s, same run, H100", ">= 0.5",
            _PROFILE + "1-packed.json", ("prefill", "mfu_vs_matmul"), "x"),
     Target("GPU idle share of a decode step at batch 64, context 512 (profile), H100", "<= 0.1",
-           _PROFILE + "3-async.json", ("runs", 1, "idle_fraction"), ""),
+           _PROFILE + "E-kvwrite.json", ("runs", 1, "idle_fraction"), ""),
     Target("start-up, 8B, 8 executables, with the compilation cache, H100 (gpu_profile)", "<= 60 s",
            _PROFILE + "1-packed-t1-cached.json", ("startup_s",), "s"),
     Target("offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100", ">= 40 req/s (vLLM v0.6 ~36.5)",
