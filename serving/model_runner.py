@@ -103,10 +103,18 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.decode_buckets = decode_buckets
         self.vocab_size = self.config.vocab_size
-        self.graphdef, self.state = nnx.split(model)
+        self.layout = layout   # sharding.ShardingLayout when the model spans a mesh
+        self.graphdef, state = nnx.split(model)
+        # The weights go to the executables as a flat tuple of device arrays (the treedef is static
+        # and unflattened inside the jit), so each step's call flattens a tuple in C++ instead of
+        # calling back into Python for every nnx State and Variable node, and no leaf is a host
+        # array that would be copied to every device on every step (the rope table ``_inv_freq``
+        # is a numpy attribute, hence a state leaf: at TP n that was n extra transfers a step).
+        leaves, self._weights_treedef = jax.tree.flatten(state)
+        rep = layout.replicated() if layout is not None else None
+        self._weights = tuple(x if isinstance(x, jax.Array) else jax.device_put(x, rep) for x in leaves)
         self.kv_cache = kv_cache
         self.sampler_state = smp.init_sampler_state(max_num_seqs, self.vocab_size)
-        self.layout = layout   # sharding.ShardingLayout when the model spans a mesh
         if layout is not None:
             self.sampler_state = jax.device_put(self.sampler_state, layout.replicated())
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
@@ -121,8 +129,16 @@ class ModelRunner:
         self.last_step: StepStats | None = None
         self._init_host_state()
 
+    @property
+    def state(self):
+        """The model's nnx State (the weights), rebuilt from the flat tuple the executables take."""
+        return jax.tree.unflatten(self._weights_treedef, self._weights)
+
+    def _merge(self, weights):
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self._weights_treedef, weights))
+
     # ------------------------------------------------------------------ compile
-    def _step_fn(self, state, kv_cache, sampler_state, packed, *, layout: PackedLayout, max_query_len=None,
+    def _step_fn(self, weights, kv_cache, sampler_state, packed, *, layout: PackedLayout, max_query_len=None,
                  plain_sampler: bool = False):
         """The compiled step. ``packed``: every per-step input as one int32 vector (serving.step_io);
         returns the sampler's outputs as one int32 matrix [S, 3 + 2k] (see ``_out_spec``).
@@ -131,7 +147,7 @@ class ModelRunner:
         # A negative id is the token slot (-id - 1) sampled in the previous step, not yet on the host.
         fed_back = sampler_state.last_tokens[jnp.maximum(-tokens - 1, 0)]
         tokens = jnp.where(tokens < 0, fed_back, tokens)
-        model = nnx.merge(self.graphdef, state)
+        model = self._merge(weights)
         if max_query_len is not None:
             # Static hint for the attention kernel: a decode-only executable (one token per sequence).
             model.attention_fn = functools.partial(model.attention_fn, max_query_len=max_query_len)
@@ -149,9 +165,9 @@ class ModelRunner:
         return ((1, np.int32, True), (1, np.float32, True), (1, np.int32, True),
                 (k, np.int32, False), (k, np.float32, False))
 
-    def _prompt_logprobs_fn(self, state, hidden, targets):
+    def _prompt_logprobs_fn(self, weights, hidden, targets):
         """Logprobs of each position's next prompt token: hidden [T, E], targets [T] -> per row."""
-        model = nnx.merge(self.graphdef, state)
+        model = self._merge(weights)
         logits = model.logits_from_hidden(hidden)
         wants = jnp.ones(targets.shape, bool)
         return smp.token_logprobs(logits, targets, wants, num_logprobs=self.max_logprobs)
@@ -177,9 +193,9 @@ class ModelRunner:
             return {}
         rep = self.layout.replicated()
         kv_sh = jax.tree.map(lambda a: a.sharding, self.kv_cache)
-        args = (self.state, self.kv_cache, self.sampler_state, jax.ShapeDtypeStruct((layout.size,), jnp.int32))
+        args = (self._weights, self.kv_cache, self.sampler_state, jax.ShapeDtypeStruct((layout.size,), jnp.int32))
         outs = jax.eval_shape(functools.partial(self._step_fn, layout=layout), *args)
-        return dict(in_shardings=(jax.tree.map(lambda a: getattr(a, "sharding", rep), self.state), kv_sh)
+        return dict(in_shardings=(tuple(a.sharding for a in self._weights), kv_sh)
                     + (rep,) * (len(args) - 2),
                     out_shardings=tuple(kv_sh if i == 1 else rep for i in range(len(outs))))
 
@@ -224,14 +240,14 @@ class ModelRunner:
             fn = functools.partial(self._step_fn, layout=layout, max_query_len=1 if shape[3] else None,
                                    plain_sampler=shape[4])
             lowered[("step",) + shape] = jax.jit(fn, donate_argnums=(1, 2), **shardings).lower(
-                self.state, self.kv_cache, self.sampler_state,
+                self._weights, self.kv_cache, self.sampler_state,
                 jax.ShapeDtypeStruct((layout.size,), jnp.int32))
         # Under a mesh the results come back replicated: readable on every host.
         plp = jax.jit(self._prompt_logprobs_fn,
                       **({"out_shardings": self.layout.replicated()} if self.layout is not None else {}))
         for t in sorted({shape[0] for shape in shapes}):
             lowered[("prompt_logprobs", t)] = plp.lower(
-                self.state, jax.ShapeDtypeStruct((t, self.config.hidden_size), self._hidden_dtype()),
+                self._weights, jax.ShapeDtypeStruct((t, self.config.hidden_size), self._hidden_dtype()),
                 jax.ShapeDtypeStruct((t,), jnp.int32))
         threads = max(1, min(self.compile_threads, os.cpu_count() or 1, len(lowered)))
         bar = tqdm(total=len(lowered), desc=f"Compiling buckets ({threads} threads)", unit="exe",
@@ -447,7 +463,7 @@ class ModelRunner:
         shape = (t_pad, s_pad, p_pad, decode_only, plain)
         exe = self._executables[shape]
         packed = self._layout(shape).pack((tokens, md, logits_indices, sampling_md, step_idx))
-        out, self.kv_cache, self.sampler_state, hidden = exe(self.state, self.kv_cache, self.sampler_state, packed)
+        out, self.kv_cache, self.sampler_state, hidden = exe(self._weights, self.kv_cache, self.sampler_state, packed)
         prompt_lp = self._launch_prompt_logprobs(reqs, slots, counts, computed, hidden, t_pad)
         stats = StepStats(total, t_pad, num, (t_pad, s_pad, p_pad), 0.0)
         return _InFlight(order, reqs, slots, samples, self._slot_epoch[slots], out, prompt_lp, stats, start)
@@ -484,7 +500,7 @@ class ModelRunner:
         return RunnerOutput(flight.order, sampled, logprobs, prompt_logprobs)
 
     def _hidden_dtype(self):
-        return nnx.merge(self.graphdef, self.state).dtype
+        return self._merge(self._weights).dtype
 
     @property
     def dtype(self):
@@ -516,7 +532,7 @@ class ModelRunner:
             k = max(last - a, 0)                          # rows off .. off+k-1 predict a+1 .. last
             targets[off:off + k] = self._token_ids[slots[i], a + 1:a + 1 + k]
             rows[i] = (off, k, a)
-        return self._prompt_lp_exes[t_pad](self.state, hidden, targets), targets, rows
+        return self._prompt_lp_exes[t_pad](self._weights, hidden, targets), targets, rows
 
     @staticmethod
     def _prompt_logprobs_entries(reqs, launched, arrays) -> dict:
