@@ -21,6 +21,9 @@
 #                    batch-1 5.789 ms (predicted -0.12..-0.16 ms vs 5.928: -0.139), batch 64 9.075.
 #   C-mosaic         5.932 / 9.029 ms: ties Triton in the engine (the predicted -1.4 ms at batch 64
 #                    did not come: the kernel-alone gain at 128 x 4k does not carry to 64 x 512).
+#   tp2-D-no-ar-kernel (--xla_gpu_allow_all_reduce_kernel=false) never ran: jaxlib rejects the flag
+#                    ("Unknown flag in XLA_FLAGS", checked on 0.10.2); the one-shot all-reduce is
+#                    --xla_gpu_unsupported_use_all_reduce_one_shot_kernel (D/E below, not yet run).
 #   tp1/tp2-same-run (2 x H200, one run; BASE="--batch 1,64", the variants' extra args set the TP
 #                    size): TP1 4.368 / 7.255 ms, TP2 5.404 / 5.917 ms; TP2 idles 48% of a step.
 # On the GPU machine the tree's git metadata can be stale: pass JAXLLM_COMMIT explicitly.
@@ -36,9 +39,10 @@ BASE=${BASE:---batch 1,64}
 DEFAULT_VARIANTS="A-control||
 B-noremat|--xla_gpu_memory_limit_slop_factor=400|
 C-mosaic||--attention-backend pallas-mosaic"
-TP_VARIANTS="tp2-A-control||
-tp2-B-noremat|--xla_gpu_memory_limit_slop_factor=400|
-tp2-D-no-ar-kernel|--xla_gpu_allow_all_reduce_kernel=false|"
+TP_VARIANTS="tp1-control||--tensor-parallel-size 1
+tp2-A-control||
+tp2-D-one-shot-off|--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false|
+tp2-E-one-shot-on|--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true|"
 VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
 GUARD_S=${GUARD_S:-200}
 tags=()
@@ -48,7 +52,7 @@ while IFS='|' read -r tag flags extra; do
   # shellcheck disable=SC2086
   XLA_FLAGS="$flags" timeout "$GUARD_S" python benchmarks/gpu_profile.py --ctx 512 --steps 30 --token-buckets 512 \
       --max-model-len 2048 --out "$OUT" $BASE $extra --tag "$tag" 2>&1 \
-      | grep "== batch\|check tokens\|roofline\|Error\|error:"
+      | grep "== batch\|check tokens\|roofline\|Error\|error:\|Unknown flag"
   tags+=("$tag")
 done <<< "$VARIANTS"
 python - "$OUT" "${tags[@]}" <<'PY'
