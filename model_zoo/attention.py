@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import jax
 
-from pallas_kernels.reference import paged_attention_reference, write_kv
+from pallas_kernels.reference import attend_after_write, paged_attention_reference, write_kv
 
 __all__ = ["AttentionMetadata", "AttentionFn", "paged_attention_xla", "write_kv"]
 
@@ -66,7 +66,7 @@ def paged_attention_xla(q, k_cache, v_cache, layer, md: AttentionMetadata, *, sc
     ``write_kv`` first, then attend; returns ``(out, k_cache, v_cache)`` (the module's contract).
     """
     if new_kv is not None:
-        k_cache, v_cache = write_kv(k_cache, v_cache, layer, *new_kv, md.slot_mapping)
-    out = paged_attention_reference(q, k_cache, v_cache, layer, md, scale=scale, soft_cap=soft_cap,
-                                    sliding_window=sliding_window, precision=jax.lax.Precision.DEFAULT)
-    return out if new_kv is None else (out, k_cache, v_cache)
+        return attend_after_write(paged_attention_xla, q, k_cache, v_cache, layer, md, new_kv,
+                                  scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+    return paged_attention_reference(q, k_cache, v_cache, layer, md, scale=scale, soft_cap=soft_cap,
+                                     sliding_window=sliding_window, precision=jax.lax.Precision.DEFAULT)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import mosaic_attention, triton_attention
-from pallas_kernels.reference import write_kv
+from pallas_kernels.reference import attend_after_write
 
 logger = logging.getLogger("jaxllm.pallas_kernels")
 
@@ -418,35 +418,37 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
             raise ValueError(f"{name} must be a power of two, got {val}")
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
     decode = max_query_len == 1
-    kind = "interpret" if interpret else _device_kind()
-    fuse = new_kv is not None and decode and kernel == "triton"
-    written = lambda out: out  # noqa: E731
-    if new_kv is not None and not fuse:
+    if new_kv is not None and not (decode and kernel == "triton"):
         # Prefill and mixed batches, and the Mosaic decode kernel (or its Triton fallback), read
-        # the new tokens back from the cache: scatter them first.
-        k_cache, v_cache = write_kv(k_cache, v_cache, layer, *new_kv, md.slot_mapping)
-        written = lambda out: (out, k_cache, v_cache)  # noqa: E731
+        # the new tokens back from the cache: scatter them first. Only the Triton decode kernel
+        # below fuses the write (and then returns the caches itself).
+        return attend_after_write(
+            paged_attention, q, k_cache, v_cache, layer, md, new_kv, scale=scale, soft_cap=soft_cap,
+            sliding_window=sliding_window, max_query_len=max_query_len, interpret=interpret,
+            kernel=kernel, pages_per_block=pages_per_block, num_splits=num_splits, block_q=block_q,
+            num_warps=num_warps, num_stages=num_stages)
+    layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
+    kind = "interpret" if interpret else _device_kind()
     if decode and kernel == "mosaic":
         tuning = _INTERPRET_MOSAIC_DECODE if interpret else _lookup(_MOSAIC_DECODE_TUNING, kind)
         tuning = _override(tuning, num_stages=num_stages)
         plan = _mosaic_plan(q, k_cache, md, tuning, pages_per_block, num_splits)
         if not isinstance(plan, str):
-            return written(_decode_mosaic(q, k_cache, v_cache, layer_arr, md, plan, scale=scale,
-                                          soft_cap=soft_cap, sliding_window=sliding_window,
-                                          interpret=interpret))
+            return _decode_mosaic(q, k_cache, v_cache, layer_arr, md, plan, scale=scale,
+                                  soft_cap=soft_cap, sliding_window=sliding_window,
+                                  interpret=interpret)
         # An unsupported shape (e.g. fp32): the Triton decode kernel below runs it.
         _log_mosaic_fallback(plan)
     if decode:
         tuning = _INTERPRET_DECODE if interpret else _lookup(_DECODE_TUNING, kind)
         tuning = _override(tuning, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
-        # Fused: returns (out, k_cache, v_cache) itself.
-        return written(_decode(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
-                               sliding_window=sliding_window, tuning=tuning, num_splits=num_splits,
-                               interpret=interpret, new_kv=new_kv if fuse else None))
+        # With new_kv (fused write): returns (out, k_cache, v_cache).
+        return _decode(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
+                       sliding_window=sliding_window, tuning=tuning, num_splits=num_splits,
+                       interpret=interpret, new_kv=new_kv)
     tuning = _INTERPRET_PREFILL if interpret else _lookup(_PREFILL_TUNING, kind)
     tuning = _override(tuning, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
-    return written(_prefill(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
-                            sliding_window=sliding_window, tuning=tuning, block_q=block_q,
-                            interpret=interpret))
+    return _prefill(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
+                    sliding_window=sliding_window, tuning=tuning, block_q=block_q,
+                    interpret=interpret)

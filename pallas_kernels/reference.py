@@ -36,6 +36,14 @@ def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
     return k_cache, v_cache
 
 
+def attend_after_write(attention_fn, q, k_cache, v_cache, layer, md, new_kv, **kwargs):
+    """The backend contract's unfused path (model_zoo/attention.py): ``write_kv`` this step's
+    ``new_kv=(k, v)`` at ``md.slot_mapping``, then ``attention_fn`` reads them back from the
+    caches; returns ``(out, k_cache, v_cache)``."""
+    k_cache, v_cache = write_kv(k_cache, v_cache, layer, *new_kv, md.slot_mapping)
+    return attention_fn(q, k_cache, v_cache, layer, md, **kwargs), k_cache, v_cache
+
+
 def paged_attention_reference(q, k_cache, v_cache, layer, md, *, scale: float,
                               soft_cap: float | None = None,
                               sliding_window: int | None = None,

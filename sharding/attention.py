@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.reference import write_kv
+from pallas_kernels.reference import attend_after_write
 
 logger = logging.getLogger("jaxllm")
 
@@ -132,8 +132,7 @@ def shard_local_attention(attention_fn: Callable, mesh, config, head_axes: tuple
         if new_kv is not None and windows is not None:
             # A replicated cache: GSPMD scatters the new K/V into every copy, outside the map
             # (the kernel's view of a KV-head block has no slot for heads outside it).
-            k_cache, v_cache = write_kv(k_cache, v_cache, layer, *new_kv, md.slot_mapping)
-            return attend(q, k_cache, v_cache, layer, md, **kwargs), k_cache, v_cache
+            return attend_after_write(attend, q, k_cache, v_cache, layer, md, new_kv, **kwargs)
         if new_kv is None:
             mapped = shard_map(
                 lambda q, kc, vc, layer, md: local(q, kc, vc, layer, md, **kwargs),
