@@ -60,8 +60,8 @@ class _InFlight:
     slots: np.ndarray           # [num] their slots
     samples: np.ndarray         # [num] bool: the request samples a token this step
     epochs: np.ndarray          # [num] the slots' epochs at dispatch (a slot released since is not theirs)
-    out: object                 # device SamplerOutput
-    prompt_lp: object           # (device arrays, targets, rows) or None
+    launched: object            # Future of (device SamplerOutput, device prompt-logprob arrays or None)
+    prompt_lp: object           # (targets, rows) of the prompt logprobs asked for, or None
     stats: object               # StepStats (seconds filled in at collect)
     start: float
 
@@ -92,7 +92,8 @@ def executable_scratch_bytes(exe) -> int | None:
 class ModelRunner:
     def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int, ladder: BucketLadder, kv_cache, max_logprobs: int, seed: int,
-                 eos_token_ids: tuple[int, ...] = (), layout=None, decode_buckets: bool = False):
+                 eos_token_ids: tuple[int, ...] = (), layout=None, decode_buckets: bool = False,
+                 launch_thread: bool | None = None):
         self.config = model.config
         self.page_size = page_size
         self.num_pages = num_pages
@@ -128,6 +129,22 @@ class ModelRunner:
         self._step_count = 0
         self.last_step: StepStats | None = None
         self._init_host_state()
+        # The launch thread. Launching an executable that spans several GPUs blocks the caller until
+        # every device's launch is done (PjRt runs one launch per device on its own thread and
+        # waits for all); the caller's CPU is idle meanwhile. Measured on 2 x H200, a 32-layer TP2
+        # decode step's call took 2.95 ms of wall time and 0.27 ms of CPU time, against 0.40 / 0.32
+        # ms at TP1 (benchmarks/host_dispatch.py --gpu), so with the engine's own host work the TP2
+        # host loop (3.9 ms a step) outran the device. The device calls therefore go, in order, to
+        # one worker thread (the call releases the GIL while it waits), and the engine thread
+        # collects, schedules and builds the next step's inputs meanwhile. Only that thread touches
+        # kv_cache / sampler_state once a step is launched; a step's outputs are its Future.
+        # Default: on for a mesh of several devices; JAXLLM_LAUNCH_THREAD=0/1 overrides.
+        if launch_thread is None:
+            env = os.environ.get("JAXLLM_LAUNCH_THREAD", "").strip()
+            launch_thread = env == "1" if env in ("0", "1") else \
+                layout is not None and layout.mesh.devices.size > 1
+        self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-launch") \
+            if launch_thread else None
 
     @property
     def state(self):
@@ -331,8 +348,9 @@ class ModelRunner:
         self._num_prompt_logprob_reqs -= st.params.prompt_logprobs is not None
         self._free_slots.append(slot)
 
-    def _apply_plan_deltas(self, plan: StepPlan) -> list[_ReqState]:
-        """Apply the plan's deltas; returns the step's requests in plan order (new ones first)."""
+    def _apply_plan_deltas(self, plan: StepPlan) -> tuple[list[_ReqState], list]:
+        """Apply the plan's deltas; returns the step's requests in plan order (new ones first) and
+        the sampler rows (penalties, bias, stops) of new requests, uploaded when the step launches."""
         for req_id in plan.finished_req_ids:
             st = self._reqs.pop(req_id, None)
             if st is not None:
@@ -370,9 +388,7 @@ class ModelRunner:
         if cached:
             self._num_computed[[st.slot for st in reqs[len(plan.new_requests):]]] = \
                 [c.num_computed_tokens for c in cached]
-        if new_rows:
-            self._write_slot_rows(new_rows)
-        return reqs
+        return reqs, new_rows
 
     _SLOT_ROWS_PER_CALL = 8
 
@@ -403,7 +419,7 @@ class ModelRunner:
         """Build the step's inputs and launch it; returns at once (JAX dispatch is asynchronous)."""
         if isinstance(self.kv_cache[0], jax.ShapeDtypeStruct):
             raise RuntimeError("The KV cache is not allocated: call attach_kv_cache() after compile_all().")
-        reqs = self._apply_plan_deltas(plan)
+        reqs, new_rows = self._apply_plan_deltas(plan)
         if not reqs:
             empty = np.zeros(0, np.int64)
             return _InFlight((), [], empty, empty.astype(bool), empty, None, None, None, 0.0)
@@ -463,10 +479,37 @@ class ModelRunner:
         shape = (t_pad, s_pad, p_pad, decode_only, plain)
         exe = self._executables[shape]
         packed = self._layout(shape).pack((tokens, md, logits_indices, sampling_md, step_idx))
-        out, self.kv_cache, self.sampler_state, hidden = exe(self._weights, self.kv_cache, self.sampler_state, packed)
-        prompt_lp = self._launch_prompt_logprobs(reqs, slots, counts, computed, hidden, t_pad)
+        prompt_lp = self._prompt_logprob_targets(reqs, slots, counts, computed, t_pad)
+
+        def launch():        # device calls only: host state may change once dispatch returns
+            if new_rows:
+                self._write_slot_rows(new_rows)
+            out, self.kv_cache, self.sampler_state, hidden = exe(
+                self._weights, self.kv_cache, self.sampler_state, packed)
+            lp = self._prompt_lp_exes[t_pad](self._weights, hidden, prompt_lp[0]) if prompt_lp else None
+            return out, lp
+
         stats = StepStats(total, t_pad, num, (t_pad, s_pad, p_pad), 0.0)
-        return _InFlight(order, reqs, slots, samples, self._slot_epoch[slots], out, prompt_lp, stats, start)
+        return _InFlight(order, reqs, slots, samples, self._slot_epoch[slots], self._launch(launch), prompt_lp,
+                         stats, start)
+
+    def _launch(self, fn) -> concurrent.futures.Future:
+        """Run ``fn`` (device calls) after every earlier launch: on the launch thread, or here."""
+        if self._launcher is not None:
+            return self._launcher.submit(fn)
+        done = concurrent.futures.Future()
+        done.set_result(fn())         # errors raise at dispatch, as a plain call would
+        return done
+
+    def wait_launched(self) -> None:
+        """Block until every launched device call has been made (kv_cache / sampler_state are
+        current afterwards); a no-op without the launch thread."""
+        self._launch(lambda: None).result()
+
+    def close(self) -> None:
+        """Stop the launch thread after the calls already launched."""
+        if self._launcher is not None:
+            self._launcher.shutdown(wait=True)
 
     def collect(self, flight: "_InFlight") -> RunnerOutput:
         """Wait for a dispatched step and turn its outputs into a RunnerOutput."""
@@ -474,7 +517,7 @@ class ModelRunner:
             return RunnerOutput((), {}, {}, {})
         reqs, slots, samples = flight.reqs, flight.slots, flight.samples
         # The step's only device -> host copies: sampled tokens (+ logprobs), prompt logprobs if asked.
-        out, prompt_lp_arrays = jax.device_get((flight.out, flight.prompt_lp[0] if flight.prompt_lp else None))
+        out, prompt_lp_arrays = jax.device_get(flight.launched.result())
         out = smp.SamplerOutput(*unpack_rows(out, self._out_spec()))
         prompt_logprobs = self._prompt_logprobs_entries(reqs, flight.prompt_lp, prompt_lp_arrays)
 
@@ -507,14 +550,15 @@ class ModelRunner:
         """The model's activation dtype (its embedding's)."""
         return self._hidden_dtype()
 
-    def _launch_prompt_logprobs(self, reqs, slots, counts, computed, hidden, t_pad):
+    def _prompt_logprob_targets(self, reqs, slots, counts, computed, t_pad):
         """Prompt logprobs for the prompt positions computed this step (vLLM's convention).
 
         A chunk computing positions [a, a+n) reports None for position 0 (nothing predicts it) and,
         for each prompt position j in [a+1, a+n], the logprob of token j from the logits at j-1 —
         the chunk's last row predicts the first token of the next chunk, known from the prompt.
         ``computed``: the step's num_computed_tokens before it runs (a, per request).
-        Returns (device arrays, targets, {row: (offset, count, a)}) or None when nobody asked.
+        Returns (targets, {row: (offset, count, a)}), the launch's input and collect's key, or None
+        when nobody asked.
         """
         if not self._num_prompt_logprob_reqs:
             return None
@@ -532,13 +576,13 @@ class ModelRunner:
             k = max(last - a, 0)                          # rows off .. off+k-1 predict a+1 .. last
             targets[off:off + k] = self._token_ids[slots[i], a + 1:a + 1 + k]
             rows[i] = (off, k, a)
-        return self._prompt_lp_exes[t_pad](self._weights, hidden, targets), targets, rows
+        return targets, rows
 
     @staticmethod
     def _prompt_logprobs_entries(reqs, launched, arrays) -> dict:
         if launched is None:
             return {}
-        _, targets, rows = launched
+        targets, rows = launched
         lp, ranks, top_ids, top_lp = arrays
         result = {}
         for i, (off, k, a) in rows.items():

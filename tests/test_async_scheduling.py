@@ -7,6 +7,9 @@ the embedded SmolLM2, one engine for both modes (the flag is read every step), s
 compares the two orders over the same executables.
 """
 
+import concurrent.futures
+import contextlib
+
 import pytest
 
 from serving import SamplingParams
@@ -178,6 +181,59 @@ def test_mixed_batch_equals_sync(llm, prompt_ids):
     assert ("stop", None) in reasons, "no request stopped at EOS: the check lost its EOS case"
     assert any(r == "stop" and isinstance(s, str) for r, s in reasons), "no stop string matched"
     assert ("length", None) in reasons
+
+
+@contextlib.contextmanager
+def _launch_thread(runner):
+    """The runner's launch thread on (the default only for a mesh of several devices)."""
+    assert runner._launcher is None, "one CPU device: the launch thread is off by default"
+    runner._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="test-launch")
+    try:
+        yield
+    finally:
+        runner.close()
+        runner._launcher = None
+
+
+def test_launch_thread_equals_inline(llm, prompt_ids):
+    """Device calls on the launch thread (runner.dispatch returns before the step is even launched)
+    give the outputs of inline launches: penalties' sampler rows, prompt logprobs, n > 1, stops,
+    with and without async scheduling."""
+    g = dict(temperature=0.0)
+    params = [
+        SamplingParams(**g, max_tokens=3, prompt_logprobs=2, logprobs=1),
+        SamplingParams(**g, max_tokens=24, repetition_penalty=1.3, min_tokens=4),
+        SamplingParams(temperature=0.9, seed=11, max_tokens=12, n=2),
+        SamplingParams(**g, max_tokens=32, stop=[" the", "\n"], logit_bias={13: -5.0}),
+        SamplingParams(**g, max_tokens=40),
+    ]
+    runner = llm.engine.runner
+    inline = [_run(llm, a, prompt_ids[:5], params)[0] for a in (False, True)]
+    with _launch_thread(runner):
+        threaded = [_run(llm, a, prompt_ids[:5], params)[0] for a in (False, True)]
+        assert runner._launcher is not None
+    assert inline[0] == inline[1] == threaded[0] == threaded[1]
+
+
+def test_launch_thread_error_surfaces_at_collect(llm, prompt_ids):
+    engine, runner = llm.engine, llm.engine.runner
+    _drain(engine)
+    saved = dict(runner._executables)
+
+    def broken(*args):
+        raise RuntimeError("device step failed")
+
+    with _launch_thread(runner):
+        runner._executables = {k: broken for k in saved}
+        try:
+            engine.add_request("bad", {"prompt_token_ids": prompt_ids[0]}, SamplingParams(max_tokens=2))
+            flight = runner.dispatch(engine.scheduler.schedule())   # returns: the call runs on the thread
+            with pytest.raises(RuntimeError, match="device step failed"):
+                runner.collect(flight)
+        finally:
+            runner._executables = saved
+            engine.abort_request(["bad"])
+            _drain(engine)
 
 
 def test_chunked_prefill_prefix_hits_and_preemption_equal_sync(llm, prompt_ids):

@@ -129,6 +129,8 @@ def test_embedded_model_greedy_matches_single_device(tp, pp, smollm_reference, c
     tokens, llm = _generate(tensor_parallel_size=tp, pipeline_parallel_size=pp)
     assert tokens == smollm_reference
     _assert_shards(_runner(llm), tp, pp, kv_split=True)
+    # A mesh of several devices launches its steps from the runner's launch thread by default.
+    assert _runner(llm)._launcher is not None
 
 
 # ----------------------------------------------------------------------------- tiny random models
