@@ -26,6 +26,13 @@
 #                    --xla_gpu_unsupported_use_all_reduce_one_shot_kernel (D/E below, not yet run).
 #   tp1/tp2-same-run (2 x H200, one run; BASE="--batch 1,64", the variants' extra args set the TP
 #                    size): TP1 4.368 / 7.255 ms, TP2 5.404 / 5.917 ms; TP2 idles 48% of a step.
+# Session 6 (2 x H200): tp1 f82dc35 4.333 / 7.190 ms (repeat 4.342 / 7.251); tp2 f82dc35 4.024 / 5.653
+#                    (repeat 4.847 / 5.791): TP2 batch 1 is host-bound, its step call blocks the engine
+#                    thread ~3 ms (host_dispatch.py --gpu). With the runner's launch thread (48a41ac, one
+#                    call, JAXLLM_LAUNCH_THREAD=0 for the control): 3.763 vs 4.516 ms (predicted ~3.4:
+#                    the launch itself, ~3.2 ms a step, now bounds it), batch 64 5.776 vs 5.711 (no change).
+#                    The one-shot all-reduce flag, NCCL_LAUNCH_MODE and collectives in command buffers
+#                    moved nothing (results/2026-11-21-h200x2-{tp-dispatch-probe,host-dispatch}.json).
 # On the GPU machine the tree's git metadata can be stale: pass JAXLLM_COMMIT explicitly.
 # (No NCCL symmetric-memory variant: the GPU hosts keep NVLink multicast off, NCCL_NVLS_ENABLE=0,
 # because a program using it can take the shared GPUs out of service; leave those settings alone.)

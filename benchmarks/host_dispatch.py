@@ -15,8 +15,9 @@ times the host side:
     dispatch          ModelRunner.dispatch until it returns (JAX dispatch is asynchronous)
       deltas          _apply_plan_deltas (per-request host state)
       pack            PackedLayout.pack (the step's one input vector)
-      exe_call        the compiled step's call (argument checks, transfers, launch)
-      inputs          the rest: numpy input building (dispatch - deltas - pack - exe_call)
+      exe_call        the compiled step's call (argument checks, transfers, launch); on the runner's
+                      launch thread (TP > 1 by default) it is not part of dispatch
+      inputs          the rest: numpy input building (dispatch - deltas - pack [- exe_call])
     collect           ModelRunner.collect (waits for the device; on CPU mostly the step itself)
 
 Only decode steps (one token per sequence) are counted. Times are wall clock (perf_counter) and the
@@ -156,11 +157,13 @@ def measure(engine, timer: _Timer, *, batch: int, steps: int, prompt_len: int = 
         if last is not None and last.num_tokens == last.num_seqs and "exe_call" in timer.step:
             rows.append(dict(timer.step))
     rows = rows[2:]          # the first calls fill C++ dispatch caches
-    out = {"decode_steps": len(rows)}
+    out = {"decode_steps": len(rows), "launch_thread": runner._launcher is not None}
     for clock, idx in (("wall", 0), ("cpu", 1)):
         per = {name: np.array([r.get(name, [0.0, 0.0])[idx] for r in rows]) * 1e3
                for name in ("step", "dispatch", "collect", "deltas", "pack", "exe_call")}
-        per["inputs"] = per["dispatch"] - per["deltas"] - per["pack"] - per["exe_call"]
+        # With the runner's launch thread the exe call runs there, not inside dispatch.
+        launched_inline = runner._launcher is None
+        per["inputs"] = per["dispatch"] - per["deltas"] - per["pack"] - per["exe_call"] * launched_inline
         out[clock] = {name: {"median_ms": round(float(np.median(v)), 4), "mean_ms": round(float(v.mean()), 4)}
                       for name, v in per.items()}
     return out
