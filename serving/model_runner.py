@@ -501,11 +501,6 @@ class ModelRunner:
         done.set_result(fn())         # errors raise at dispatch, as a plain call would
         return done
 
-    def wait_launched(self) -> None:
-        """Block until every launched device call has been made (kv_cache / sampler_state are
-        current afterwards); a no-op without the launch thread."""
-        self._launch(lambda: None).result()
-
     def close(self) -> None:
         """Stop the launch thread after the calls already launched."""
         if self._launcher is not None:
