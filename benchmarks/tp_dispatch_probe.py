@@ -7,10 +7,12 @@ seconds instead of minutes.
 Issue #6: on 2 x H200 the engine's batch-1 TP2 step spent 7.65 ms of host time in dispatch against
 2.23 ms at TP1 (profiled), and the TP2 GPUs idled 48% of a step. For each configuration this prints
 
-    call ms     host wall time of one asynchronous call (a chain of calls, nothing waited on):
-                what the dispatching thread pays; if it approaches "step ms" the call blocks
+    call ms     host wall time of one asynchronous call, at most --depth steps in flight (the
+                engine's 2; session 6's first run had no bound, which filled PjRt's queue so that
+                every call waited for a step: call = step there): what the launching thread pays
     call cpu    the same call's thread CPU time (call - cpu = waiting, not work)
-    step ms     wall time per step of the chain, after the last result is ready (throughput)
+    step ms     wall time per step of the chain, after the last result is ready (throughput at
+                that depth)
     sync ms     one call + block_until_ready (latency of an isolated step)
 
 Variants inside one process: TP size, collectives on/off (off = each shard's partial sums left
@@ -71,7 +73,7 @@ def build_step(mesh, *, layers: int, collectives: bool, donate: bool):
 
 
 def probe(tp: int, *, layers: int, hidden: int, mlp: int, batch: int, steps: int, collectives: bool,
-          donate: bool, host_input: bool) -> dict:
+          donate: bool, host_input: bool, depth: int = 2) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -97,13 +99,18 @@ def probe(tp: int, *, layers: int, hidden: int, mlp: int, batch: int, steps: int
     jax.block_until_ready((x, cache))
 
     pos_args = [pos_arg(i) for i in range(steps)]
-    call_wall, call_cpu = [], []
+    call_wall, call_cpu, outs = [], [], []
     t0 = time.perf_counter()
     for i in range(steps):
+        if i >= depth:
+            # At most ``depth`` steps in flight, as the engine keeps (async scheduling: 2); an
+            # unbounded chain fills PjRt's queue and every call then waits for a step to finish.
+            outs[i - depth].block_until_ready()
         w, c = time.perf_counter(), time.thread_time()
         x, cache = step(w_up, w_down, cache, x, pos_args[i])
         call_cpu.append(time.thread_time() - c)
         call_wall.append(time.perf_counter() - w)
+        outs.append(x)
     jax.block_until_ready((x, cache))
     step_ms = (time.perf_counter() - t0) / steps * 1e3
 
@@ -130,7 +137,7 @@ def run_variants(args) -> list[dict]:
         combos += [(tp > 1, False, True), (tp > 1, True, False)]   # no donation; device input
         for collectives, donate, host_input in combos:
             r = probe(tp, layers=args.layers, hidden=args.hidden, mlp=args.mlp, batch=args.batch, steps=args.steps,
-                      collectives=collectives, donate=donate, host_input=host_input)
+                      collectives=collectives, donate=donate, host_input=host_input, depth=args.depth)
             r["xla_flags"] = os.environ.get("XLA_FLAGS", "")
             rows.append(r)
             print(json.dumps(r), flush=True)
@@ -154,6 +161,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--mlp", type=int, default=14336)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--depth", type=int, default=2, help="most steps in flight (the engine's async scheduling: 2)")
     p.add_argument("--flags", default=None,
                    help="'|'-separated XLA_FLAGS strings, one child process each (default: this process only)")
     p.add_argument("--json", default=None, help="write the rows here")
