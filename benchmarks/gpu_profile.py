@@ -329,6 +329,7 @@ def main(argv=None) -> int:
            "tensor_parallel_size": args.tensor_parallel_size,
            "temperature": args.temperature, "min_decode_tokens": args.min_decode_tokens,
            "async_scheduling": llm.engine.async_scheduling,
+           "launch_thread": llm.engine.runner.launch_thread,
            "xla_flags": os.environ.get("XLA_FLAGS", ""), "startup_s": round(startup, 1),
            "weight_gb": round(weight_bytes / 1e9, 3), "command": " ".join(["benchmarks/gpu_profile.py"] + (argv or sys.argv[1:])),
            "runs": []}

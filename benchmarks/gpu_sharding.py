@@ -158,6 +158,7 @@ def run_config(name: str, args) -> dict:
     runner = engine.runner
     result["model_shape"] = model_shape(engine.model_config)
     result["executables"] = runner.num_executables
+    result["launch_thread"] = runner.launch_thread      # on by default for several devices
     vocab = engine.model_config.vocab_size
     rng = np.random.RandomState(0)
     prompt = lambda: rng.randint(0, vocab, args.prompt_len).tolist()  # noqa: E731

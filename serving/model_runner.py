@@ -501,6 +501,11 @@ class ModelRunner:
         done.set_result(fn())         # errors raise at dispatch, as a plain call would
         return done
 
+    @property
+    def launch_thread(self) -> bool:
+        """Whether device calls go to the launch thread (see __init__)."""
+        return self._launcher is not None
+
     def close(self) -> None:
         """Stop the launch thread after the calls already launched."""
         if self._launcher is not None:
