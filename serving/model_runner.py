@@ -579,10 +579,10 @@ class ModelRunner:
         return targets, rows
 
     @staticmethod
-    def _prompt_logprobs_entries(reqs, launched, arrays) -> dict:
-        if launched is None:
+    def _prompt_logprobs_entries(reqs, asked, arrays) -> dict:
+        if asked is None:
             return {}
-        targets, rows = launched
+        targets, rows = asked
         lp, ranks, top_ids, top_lp = arrays
         result = {}
         for i, (off, k, a) in rows.items():
