@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Decode-step variants, one gpu_profile process each (same model, same dummy seed), then one table.
-# A variant is a line "tag|XLA_FLAGS|extra gpu_profile args" in $VARIANTS (default: the list below).
+# A variant is a line "tag|XLA_FLAGS|extra gpu_profile args[|env assignments]" in $VARIANTS (default:
+# the list below), e.g. "tp2-no-thread||--tensor-parallel-size 2|JAXLLM_LAUNCH_THREAD=0".
 #
 #   OUT=/tmp/res bash benchmarks/gpu_itl_variants.sh                                 # on the GPU machine
 #   OUT=/tmp/res BASE="--tensor-parallel-size 2 --batch 1,64" VARIANTS="$TP_VARIANTS" bash benchmarks/gpu_itl_variants.sh
@@ -49,15 +50,18 @@ C-mosaic||--attention-backend pallas-mosaic"
 TP_VARIANTS="tp1-control||--tensor-parallel-size 1
 tp2-A-control||
 tp2-D-one-shot-off|--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false|
-tp2-E-one-shot-on|--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true|"
+tp2-E-one-shot-on|--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true|
+tp2-no-launch-thread||--tensor-parallel-size 2|JAXLLM_LAUNCH_THREAD=0"
 VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
-GUARD_S=${GUARD_S:-200}
+# A cold 8B compile of the variant's ladder took 130-230 s on 2 x H200 (session 6: one TP1 control
+# missed a 230 s guard), so the default leaves room; a warm compilation cache takes ~15 s.
+GUARD_S=${GUARD_S:-300}
 tags=()
-while IFS='|' read -r tag flags extra; do
+while IFS='|' read -r tag flags extra envs; do
   [ -z "$tag" ] && continue
   echo "#### $tag  XLA_FLAGS='$flags'  $extra"
   # shellcheck disable=SC2086
-  XLA_FLAGS="$flags" timeout "$GUARD_S" python benchmarks/gpu_profile.py --ctx 512 --steps 30 --token-buckets 512 \
+  env ${envs:-} XLA_FLAGS="$flags" timeout "$GUARD_S" python benchmarks/gpu_profile.py --ctx 512 --steps 30 --token-buckets 512 \
       --max-model-len 2048 --out "$OUT" $BASE $extra --tag "$tag" 2>&1 \
       | grep "== batch\|check tokens\|roofline\|Error\|error:\|Unknown flag"
   tags+=("$tag")
