@@ -3,6 +3,8 @@
     # 4 x H200, in two calls of under 9 minutes each (compile time included):
     PYTHONPATH=$PWD python benchmarks/gpu_sharding.py --configs tp1,tp2,tp4 --out $OUT
     PYTHONPATH=$PWD python benchmarks/gpu_sharding.py --configs pp2,70b-tp4 --out $OUT
+    # + tp2-no-thread (not in the default list): TP2 without the runner's launch thread, the control
+    #   for what that thread buys, in the same run (JAXLLM_LAUNCH_THREAD=0 in its worker)
     # then, here, one results file, table and figure from both:
     python benchmarks/gpu_sharding.py --merge RUN1.json RUN2.json
     # CPU, a tiny model on forced host devices (checks the script end to end):
@@ -48,7 +50,12 @@ CONFIGS = {
     "tp4": ("8b", 4, 1, True, False),
     "pp2": ("8b", 1, 2, True, False),
     "70b-tp4": ("70b", 4, 1, False, True),
+    "tp2-no-thread": ("8b", 2, 1, True, False),
 }
+# Environment of a configuration's worker: tp2-no-thread is TP2 without the runner's launch thread
+# (on by default for several devices), the control for what that thread buys in the same run.
+CONFIG_ENV = {"tp2-no-thread": {"JAXLLM_LAUNCH_THREAD": "0"}}
+DEFAULT_CONFIGS = [c for c in CONFIGS if c not in CONFIG_ENV]
 MODELS = {"8b": "llama-3.1-8b", "70b": "llama-3.1-70b"}
 # Seconds a configuration may take (start-up, dummy weights, compile, measurements): an 8B
 # executable with unrolled layers compiles in ~20 s on an H200, 70B's 80 layers in more.
@@ -237,7 +244,7 @@ def run_all(args) -> list[dict]:
             cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--result-file", out_file,
                    *_forwarded(args)]
             start = time.monotonic()
-            proc = subprocess.Popen(cmd, env=_worker_env(tp, pp, args), stdout=log,
+            proc = subprocess.Popen(cmd, env={**_worker_env(tp, pp, args), **CONFIG_ENV.get(name, {})}, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 rc = proc.wait(timeout=timeout)
@@ -392,7 +399,7 @@ def merge(paths: list[str]) -> tuple[list[dict], dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default=",".join(CONFIGS),
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                    help=f"comma-separated, from {', '.join(CONFIGS)}")
     p.add_argument("--model", default=None, help="the 8B configurations' model (default llama-3.1-8b)")
     p.add_argument("--model-70b", default=None, help="the 70B configuration's model (default "

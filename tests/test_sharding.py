@@ -215,16 +215,19 @@ def test_gpu_sharding_benchmark_runs_end_to_end_on_cpu(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "benchmarks/gpu_sharding.py", "--cpu-smoke", "--model", str(model),
-                           "--load-format", "auto", "--configs", "tp1,70b-tp4", "--out", str(out)],
+                           "--load-format", "auto", "--configs", "tp1,70b-tp4,tp2-no-thread", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     (path,) = out.glob("*-cpux4-sharding.json")
     assert path.with_suffix(".png").exists()
     data = json.loads(path.read_text())
     assert data["environment"]["device_count"] == 4 and data["environment"]["commit"]
-    tp1, tp4 = data["results"]["configs"]
+    tp1, tp4, tp2_control = data["results"]["configs"]
     assert (tp1["config"], tp1["devices_used"], tp4["config"], tp4["devices_used"]) == ("tp1", 1, "70b-tp4", 4)
-    assert tp1["served_tokens"] == tp4["served_tokens"] and len(tp1["served_tokens"]) == 8
+    assert tp1["served_tokens"] == tp4["served_tokens"] == tp2_control["served_tokens"]
+    assert len(tp1["served_tokens"]) == 8
+    # The launch thread: off on one device, on by default for several, off in the TP2 control's worker.
+    assert (tp1["launch_thread"], tp4["launch_thread"], tp2_control["launch_thread"]) == (False, True, False)
     for r in (tp1, tp4):
         assert r["model_shape"]["num_heads"] == 8 and r["jax_version"] == jax.__version__
         assert r["batch1"]["batch"] == 1 and r["itl_ms"] > 0
