@@ -158,11 +158,11 @@ def measure(engine, timer: _Timer, *, batch: int, steps: int, prompt_len: int = 
             rows.append(dict(timer.step))
     rows = rows[2:]          # the first calls fill C++ dispatch caches
     out = {"decode_steps": len(rows), "launch_thread": runner.launch_thread}
+    # With the runner's launch thread the exe call runs there, not inside dispatch.
+    launched_inline = not runner.launch_thread
     for clock, idx in (("wall", 0), ("cpu", 1)):
         per = {name: np.array([r.get(name, [0.0, 0.0])[idx] for r in rows]) * 1e3
                for name in ("step", "dispatch", "collect", "deltas", "pack", "exe_call")}
-        # With the runner's launch thread the exe call runs there, not inside dispatch.
-        launched_inline = not runner.launch_thread
         per["inputs"] = per["dispatch"] - per["deltas"] - per["pack"] - per["exe_call"] * launched_inline
         out[clock] = {name: {"median_ms": round(float(np.median(v)), 4), "mean_ms": round(float(v.mean()), 4)}
                       for name, v in per.items()}

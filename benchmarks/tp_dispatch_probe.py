@@ -36,7 +36,6 @@ import os
 import subprocess
 import sys
 import time
-from functools import partial
 
 
 def build_step(mesh, *, layers: int, collectives: bool, donate: bool):
@@ -175,7 +174,7 @@ def main(argv=None) -> list[dict]:
             return rows
     else:
         rows = []
-        child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
+        child_argv = list(argv if argv is not None else sys.argv[1:])
         i = child_argv.index("--flags")
         del child_argv[i:i + 2]
         for flags in args.flags.split("|"):

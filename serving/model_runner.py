@@ -92,8 +92,7 @@ def executable_scratch_bytes(exe) -> int | None:
 class ModelRunner:
     def __init__(self, model, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int, ladder: BucketLadder, kv_cache, max_logprobs: int, seed: int,
-                 eos_token_ids: tuple[int, ...] = (), layout=None, decode_buckets: bool = False,
-                 launch_thread: bool | None = None):
+                 eos_token_ids: tuple[int, ...] = (), layout=None, decode_buckets: bool = False):
         self.config = model.config
         self.page_size = page_size
         self.num_pages = num_pages
@@ -139,10 +138,8 @@ class ModelRunner:
         # collects, schedules and builds the next step's inputs meanwhile. Only that thread touches
         # kv_cache / sampler_state once a step is launched; a step's outputs are its Future.
         # Default: on for a mesh of several devices; JAXLLM_LAUNCH_THREAD=0/1 overrides.
-        if launch_thread is None:
-            env = os.environ.get("JAXLLM_LAUNCH_THREAD", "").strip()
-            launch_thread = env == "1" if env in ("0", "1") else \
-                layout is not None and layout.mesh.devices.size > 1
+        env = os.environ.get("JAXLLM_LAUNCH_THREAD", "").strip()
+        launch_thread = env == "1" if env in ("0", "1") else layout is not None and layout.mesh.devices.size > 1
         self._launcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxllm-launch") \
             if launch_thread else None
 
