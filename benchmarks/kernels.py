@@ -1,7 +1,8 @@
 """Attention-kernel benchmark on one GPU: correctness vs the jnp reference, then speed, in one run.
 
     PYTHONPATH=$PWD python benchmarks/kernels.py --out results.json [--plot results.png]
-        [--quick] [--budget-s 420] [--commit HASH] [--tune] [--decode-only] [--interpret]
+        [--quick] [--budget-s 420] [--commit HASH] [--tune] [--decode-only | --prefill-only]
+        [--interpret]
 
 Decode: effective bandwidth = (KV bytes read + q + out bytes) / time, next to a device-to-device
 copy measured in the same process, for batch x context (issue 4's matrix: 32 q heads, 8 kv heads,
@@ -9,7 +10,9 @@ head dim 128, bf16, page 16). Side by side: our Pallas kernels (the Triton-lower
 Mosaic GPU one, ``kernel="mosaic"``, Hopper only), JAX's own
 ``jax.experimental.pallas.ops.gpu.paged_attention`` (its layout [Hkv, P, page, D] per layer), and
 the XLA gather path (``model_zoo.attention.paged_attention_xla``, only where its gathered copy fits).
-Prefill: causal attention TFLOP/s for 2k-8k-token chunks against a dense bf16 matmul.
+Prefill: causal attention TFLOP/s for 2k-8k-token chunks against a dense bf16 matmul; beside our
+kernels, JAX's own FA3-style Mosaic GPU kernel (``attention_mgpu``) on the same chunk's K/V laid out
+contiguously, the ceiling of a Hopper kernel without paging.
 
 The K/V write (``write_kv`` rows): the decode kernel with this step's K/V written in (the model's
 ``new_kv``), timed the way a model step runs it: a scan over layers of one cache, the cache in the
@@ -373,6 +376,26 @@ PREFILL_VARIANTS = {
 }
 
 
+def _jax_mgpu_dense(q, k, v, tables):
+    """fn(block_kv) running jax.experimental.pallas.ops.gpu.attention_mgpu (causal, GQA) on the
+    chunk's K/V laid out contiguously [1, chunk, Hkv, D], or None where it cannot be imported."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+    except Exception as e:  # noqa: BLE001 - an optional comparison
+        log("jax attention_mgpu not available:", e)
+        return None
+    pages = tables[0]
+    kd = k[0][:, pages].reshape(HKV, -1, D).transpose(1, 0, 2)[None]    # [1, chunk, Hkv, D]
+    vd = v[0][:, pages].reshape(HKV, -1, D).transpose(1, 0, 2)[None]
+    qd = q[None]
+
+    def call(block_kv):
+        config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv,
+                                             max_concurrent_steps=2, causal=True)
+        return attention_mgpu.attention(qd, kd, vd, config)
+    return call
+
+
 def bench_prefill(chunk, mm_rate, budget, tune, interpret=False):
     if time.time() - START > budget:
         return None
@@ -389,16 +412,29 @@ def bench_prefill(chunk, mm_rate, budget, tune, interpret=False):
         seq_lens=jnp.array([chunk], jnp.int32), query_start_loc=jnp.array([0, chunk], jnp.int32))
     flops = 4 * H * D * chunk * (chunk + 1) / 2                         # causal: QK^T and PV
     row = dict(chunk=chunk, flops=flops)
-    for name, kw in PREFILL_VARIANTS.items():
-        if name != "pallas_triton" and not tune:
-            continue
-        f = jax.jit(functools.partial(paged_attention, scale=D ** -0.5, interpret=interpret, **kw))
+
+    def run(name, f):
         try:
-            t = timed(lambda: f(q, k, v, jnp.int32(0), md), [()], iters=2 if interpret else 10,
-                      reps=1 if interpret else 5)
+            t = timed(f, [()], iters=2 if interpret else 10, reps=1 if interpret else 5)
             row[name] = dict(ms=t * 1e3, tflops=flops / t / 1e12, frac_matmul=flops / t / mm_rate)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
             row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+
+    variants = dict(PREFILL_VARIANTS if tune else {"pallas_triton": {}})
+    if not interpret:
+        variants["pallas_mosaic"] = dict(kernel="mosaic")
+    for name, kw in variants.items():
+        f = jax.jit(functools.partial(paged_attention, scale=D ** -0.5, interpret=interpret, **kw))
+        run(name, lambda f=f: f(q, k, v, jnp.int32(0), md))
+    if not interpret:
+        # The ceiling of a Hopper kernel on this problem: JAX's own FA3-style Mosaic GPU kernel
+        # (two compute warpgroups + a TMA warpgroup) on CONTIGUOUS K/V of one sequence, i.e. with
+        # none of the paging, ragged batching or layout work ours does.
+        dense = _jax_mgpu_dense(q, k, v, tables)
+        if dense is not None:
+            for block_kv in (64, 128):
+                run(f"jax_mgpu_dense_bkv{block_kv}",
+                    lambda block_kv=block_kv: dense(block_kv))
     log(f"prefill chunk={chunk}", {n: r for n, r in row.items() if isinstance(r, dict)})
     return row
 
@@ -432,6 +468,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--tune", action="store_true", help="sweep decode block sizes too")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill chunks")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="skip the decode matrix (the correctness rows still run)")
     ap.add_argument("--interpret", action="store_true",
                     help="CPU check of this script: our kernels in Pallas interpret mode on tiny "
                          "shapes, GPU-only comparisons skipped (its timings mean nothing)")
@@ -461,6 +499,8 @@ def main(argv=None):
         shapes = [(32, 2048), (128, 4096), (1, 32768), (8, 8192), (256, 1024)]
     if args.interpret:
         shapes = [(2, 128)]
+    if args.prefill_only:
+        shapes = []
     for b, c in shapes:
         tune = args.tune and not args.interpret and (b, c) in (
             (32, 2048), (128, 4096), (1, 32768), (256, 1024), (8, 8192))
@@ -500,10 +540,10 @@ def main(argv=None):
               + f" | {saved} | {copies.get('triton+scatter', '-')} / "
               f"{copies.get('triton+write', '-')} |")
     for r in report["prefill"]:
-        c = r.get("pallas_triton", {})
-        if "tflops" in c:
-            print(f"prefill {r['chunk']}: {c['tflops']:.0f} TFLOP/s = "
-                  f"{100 * c['frac_matmul']:.0f}% of bf16 matmul")
+        for name, c in r.items():
+            if isinstance(c, dict) and "tflops" in c:
+                print(f"prefill {r['chunk']} {name}: {c['tflops']:.0f} TFLOP/s = "
+                      f"{100 * c['frac_matmul']:.0f}% of bf16 matmul")
     if args.plot:
         try:
             plot(report, args.plot)

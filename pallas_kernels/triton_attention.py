@@ -300,6 +300,11 @@ def prefill_pallas_call(q_grouped, k_cache, v_cache, layer_arr, items, item_bloc
     item_block_tables [N, max_pages + pages_per_block]; positions [T + block_q] -> like q_grouped."""
     num_items = items.shape[0]
     hkv = q_grouped.shape[1]
+    # Longest items first: under causal masking an item's cost grows with its key range, and the
+    # items of a chunk come in position order, so launching them as listed leaves the longest for
+    # the last wave (a tail on the GPU's 132 SMs). Empty items (kv_lo == kv_hi) sort last.
+    order = jnp.argsort(items[:, 2] - items[:, 3], stable=True)
+    items, item_block_tables = items[order], item_block_tables[order]
     body = functools.partial(
         _prefill_body, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
         pages_per_block=pages_per_block, page_size=k_cache.shape[3], block_q=block_q,
