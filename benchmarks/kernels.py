@@ -1,7 +1,8 @@
 """Attention-kernel benchmark on one GPU: correctness vs the jnp reference, then speed, in one run.
 
     PYTHONPATH=$PWD python benchmarks/kernels.py --out results.json [--plot results.png]
-        [--quick] [--budget-s 420] [--commit HASH] [--tune] [--decode-only | --prefill-only]
+        [--quick] [--budget-s 420] [--commit HASH] [--tune [triton,mosaic]]
+        [--decode-only | --prefill-only] [--profile]
         [--interpret]
 
 Decode: effective bandwidth = (KV bytes read + q + out bytes) / time, next to a device-to-device
@@ -227,7 +228,7 @@ def jax_paged(q, k, v, md, **kw):
     return jpa.paged_attention(q, k[0], v[0], md.block_tables, md.seq_lens, **kw)
 
 
-def bench_decode(batch, ctx, copy_bw, tune, budget, interpret=False):
+def bench_decode(batch, ctx, copy_bw, tune, budget, interpret=False, profile=False):
     kv_bytes = batch * ctx * HKV * D * 2 * 2
     io_bytes = kv_bytes + 2 * batch * H * D * 2
     copies = max(1, min(8, math.ceil(512e6 / kv_bytes)))
@@ -249,6 +250,12 @@ def bench_decode(batch, ctx, copy_bw, tune, budget, interpret=False):
             t = timed(many, [(sets,)], iters=max(3, iters // calls), reps=1 if interpret else 5)
             t /= calls
             row[name] = dict(us=t * 1e6, tb_s=io_bytes / t / 1e12, frac_copy=io_bytes / t / copy_bw)
+            if profile and name in ("pallas_triton", "pallas_mosaic"):
+                prof = device_time_per_kernel(lambda: many(sets))
+                # Per attention call, as the row's other figures are.
+                prof = {k: (round(v / calls, 2) if k != "kernels" else
+                            {n: round(u / calls, 2) for n, u in v.items()}) for k, v in prof.items()}
+                row[name]["device_us_per_call"] = prof
         except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
             row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
 
@@ -259,8 +266,8 @@ def bench_decode(batch, ctx, copy_bw, tune, budget, interpret=False):
         mosaic = jax.jit(functools.partial(paged_attention, scale=scale, max_query_len=1,
                                            kernel="mosaic"))
         run("pallas_mosaic", lambda q, k, v, md: mosaic(q, k, v, jnp.int32(0), md))
-    if tune:
-        max_pages = ctx // PAGE
+    max_pages = ctx // PAGE
+    if "triton" in tune:
         for ppb, nw, ns in ((4, 4, 1), (4, 4, 2), (4, 4, 3), (8, 4, 1), (8, 4, 2), (8, 4, 3),
                             (8, 8, 2), (16, 8, 2)):
             for target in (1024, 4096):
@@ -270,15 +277,18 @@ def bench_decode(batch, ctx, copy_bw, tune, budget, interpret=False):
                                               num_splits=splits))
                 run(f"tune_ppb{ppb}_w{nw}_s{ns}_t{target}_splits{splits}",
                     lambda q, k, v, md, f=f: f(q, k, v, jnp.int32(0), md))
-        # Mosaic ring: 64- or 128-key blocks, 2-4 stages, the same split targets.
+    if "mosaic" in tune and not interpret:
+        # Mosaic ring: 64- or 128-key blocks, 2-4 stages; fewer splits (256 programs) too, since
+        # each Mosaic CTA pays a setup (zeroed query tile, table and query TMAs) per split.
         for ppb, ns in ((4, 2), (4, 3), (4, 4), (8, 2), (8, 3)):
-            for target in (1024, 4096):
+            for target in (256, 1024, 4096):
                 splits = max(1, min(-(-target // (batch * HKV)), max_pages // max(8, ppb)))
                 f = jax.jit(functools.partial(paged_attention, scale=scale, max_query_len=1,
                                               kernel="mosaic", pages_per_block=ppb,
                                               num_stages=ns, num_splits=splits))
                 run(f"tune_mosaic_ppb{ppb}_s{ns}_t{target}_splits{splits}",
                     lambda q, k, v, md, f=f: f(q, k, v, jnp.int32(0), md))
+    if tune:
         for prefix in ("tune_ppb", "tune_mosaic"):
             best = max((n for n in row if n.startswith(prefix) and "tb_s" in row[n]),
                        key=lambda n: row[n]["tb_s"], default=None)
@@ -387,7 +397,8 @@ def _jax_mgpu_dense(q, k, v, tables):
     pages = tables[0]
     kd = k[0][:, pages].reshape(HKV, -1, D).transpose(1, 0, 2)[None]    # [1, chunk, Hkv, D]
     vd = v[0][:, pages].reshape(HKV, -1, D).transpose(1, 0, 2)[None]
-    qd = q[None]
+    qd = q[None].astype(jnp.float16)
+    kd, vd = kd.astype(jnp.float16), vd.astype(jnp.float16)
 
     def call(block_kv):
         config = attention_mgpu.TuningConfig(block_q=64, block_kv=block_kv,
@@ -396,7 +407,32 @@ def _jax_mgpu_dense(q, k, v, tables):
     return call
 
 
-def bench_prefill(chunk, mm_rate, budget, tune, interpret=False):
+def device_time_per_kernel(f, calls=5):
+    """{kernel name: device microseconds per call of f} from a jax.profiler trace of ``calls``
+    calls: splits a variant's wall time into its attention kernel and the XLA ops around it
+    (item lists, padding, output slices) and shows what host dispatch leaves idle."""
+    import tempfile
+    from benchmarks.gpu_profile import _normalize, device_events, load_trace, union_us
+    jax.block_until_ready(f())
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            out = f()
+        jax.block_until_ready(out)
+        wall = time.perf_counter() - t0
+        jax.profiler.stop_trace()
+        events, _ = device_events(load_trace(d))
+    per = {}
+    for e in events:
+        per[_normalize(e["name"])] = per.get(_normalize(e["name"]), 0.0) + e["dur"] / calls
+    busy = union_us([(e["ts"], e["ts"] + e["dur"]) for e in events]) / calls
+    top = dict(sorted(per.items(), key=lambda kv: -kv[1])[:8])
+    return dict(busy=round(busy, 1), wall=round(wall / calls * 1e6, 1),
+                kernels={k: round(v, 1) for k, v in top.items()})
+
+
+def bench_prefill(chunk, mm_rate, budget, tune, interpret=False, profile=False):
     if time.time() - START > budget:
         return None
     pps = chunk // PAGE
@@ -417,6 +453,8 @@ def bench_prefill(chunk, mm_rate, budget, tune, interpret=False):
         try:
             t = timed(f, [()], iters=2 if interpret else 10, reps=1 if interpret else 5)
             row[name] = dict(ms=t * 1e3, tflops=flops / t / 1e12, frac_matmul=flops / t / mm_rate)
+            if profile and not name.startswith(("bq", "tune")):
+                row[name]["device_us_per_call"] = device_time_per_kernel(f)
         except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
             row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
 
@@ -430,7 +468,7 @@ def bench_prefill(chunk, mm_rate, budget, tune, interpret=False):
         # The ceiling of a Hopper kernel on this problem: JAX's own FA3-style Mosaic GPU kernel
         # (two compute warpgroups + a TMA warpgroup) on CONTIGUOUS K/V of one sequence, i.e. with
         # none of the paging, ragged batching or layout work ours does.
-        dense = _jax_mgpu_dense(q, k, v, tables)
+        dense = _jax_mgpu_dense(q, k, v, tables)   # fp16: the kernel's SMEM tiles are fp16
         if dense is not None:
             for block_kv in (64, 128):
                 run(f"jax_mgpu_dense_bkv{block_kv}",
@@ -466,8 +504,13 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
-    ap.add_argument("--tune", action="store_true", help="sweep decode block sizes too")
+    ap.add_argument("--tune", nargs="?", const="triton,mosaic", default="",
+                    help="sweep block sizes too: 'triton', 'mosaic' or both (the default); "
+                         "prefill sweeps are Triton's")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill chunks")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace our main decode and prefill variants: device time per kernel and "
+                         "busy time per call")
     ap.add_argument("--prefill-only", action="store_true",
                     help="skip the decode matrix (the correctness rows still run)")
     ap.add_argument("--interpret", action="store_true",
@@ -501,19 +544,22 @@ def main(argv=None):
         shapes = [(2, 128)]
     if args.prefill_only:
         shapes = []
-    for b, c in shapes:
-        tune = args.tune and not args.interpret and (b, c) in (
-            (32, 2048), (128, 4096), (1, 32768), (256, 1024), (8, 8192))
-        report["decode"].append(bench_decode(b, c, report["copy_bytes_per_s"], tune,
-                                             args.budget_s, interpret=args.interpret))
-        save()
+    # Prefill first: three chunks, quick; the decode matrix then runs until the budget ends.
     chunks = (64,) if args.interpret else (2048, 4096, 8192)
     for chunk in () if args.decode_only else chunks:
-        row = bench_prefill(chunk, report["matmul_flops"], args.budget_s + 60, args.tune,
-                            interpret=args.interpret)
+        row = bench_prefill(chunk, report["matmul_flops"], args.budget_s,
+                            "triton" in args.tune.split(","),
+                            interpret=args.interpret, profile=args.profile)
         if row:
             report["prefill"].append(row)
             save()
+    for b, c in shapes:
+        tune = set(args.tune.split(",")) - {""} if not args.interpret and (b, c) in (
+            (32, 2048), (128, 4096), (1, 32768), (256, 1024), (8, 8192)) else set()
+        report["decode"].append(bench_decode(b, c, report["copy_bytes_per_s"], tune,
+                                             args.budget_s, interpret=args.interpret,
+                                             profile=args.profile))
+        save()
     print("\n| batch | context | pallas triton (TB/s, % copy) | pallas mosaic | jax pallas paged "
           "| xla gather |")
     print("|---|---|---|---|---|---|")
