@@ -97,13 +97,27 @@ class MosaicDecodeTuning:
     num_stages: int           # K/V blocks in flight in the SMEM ring
     target_programs: int      # as DecodeTuning
     min_pages_per_split: int
+    # A grid of fewer (token x kv head) programs than this takes small_grid_block_keys instead:
+    # one CTA an SM then needs larger blocks to keep enough bytes in flight.
+    small_grid_programs: int = 0
+    small_grid_block_keys: int = 0
 
 
-# Untuned starting point (not measured yet): 64-key blocks in a 3-deep ring ask ~113 KB of shared
-# memory at d128 bf16, so two CTAs can share an SM; split the key range like the Triton kernel.
+# H200, JAX 0.11.2, 2026-11-22 (benchmarks/results/2026-11-22-h200-kernels-mosaic-sweep-busy.json:
+# 32 q / 8 kv heads, d128, bf16, page 16; % of copy by device busy time, every variant traced).
+# Fewest splits won everywhere: target 128 programs gave 70-103% against 49-103% at 1024 (each
+# split pays a CTA setup and the combine). Two stages beat three and four at 64-key blocks (80 KB a
+# CTA, two CTAs an SM): 88% at 32 x 2k, 103% at 128 x 4k, 96% at 256 x 1k. Where the batch alone
+# gives fewer CTAs than SMs, 128-key blocks won: 75% vs 70% at 1 x 32k, 86% vs 79% at 8 x 8k.
+# H100 shares the entry (same SM count and shared memory) until measured on its own.
+_HOPPER_MOSAIC_DECODE = MosaicDecodeTuning(block_keys=64, num_stages=2, target_programs=128,
+                                           min_pages_per_split=8, small_grid_programs=132,
+                                           small_grid_block_keys=128)
 _MOSAIC_DECODE_TUNING = {
-    "default": MosaicDecodeTuning(block_keys=64, num_stages=3, target_programs=1024,
-                                  min_pages_per_split=8),
+    "H200": _HOPPER_MOSAIC_DECODE,
+    "H100": _HOPPER_MOSAIC_DECODE,
+    # Other GPUs cannot run Mosaic GPU's Hopper kernels; the entry only keeps planning total.
+    "default": _HOPPER_MOSAIC_DECODE,
 }
 _INTERPRET_MOSAIC_DECODE = MosaicDecodeTuning(block_keys=64, num_stages=2, target_programs=1,
                                               min_pages_per_split=1)
@@ -268,7 +282,10 @@ def _mosaic_plan(q, k_cache, md, tuning, pages_per_block, num_splits):
     t, h, d = q.shape
     hkv, _, page_size = k_cache.shape[1:4]
     max_pages = md.block_tables.shape[1]
-    ppb = pages_per_block or max(1, tuning.block_keys // page_size)
+    block_keys = tuning.block_keys
+    if t * hkv < tuning.small_grid_programs:
+        block_keys = tuning.small_grid_block_keys
+    ppb = pages_per_block or max(1, block_keys // page_size)
     why = mosaic_attention.unsupported_reason(dtype=k_cache.dtype, head_dim=d, group=h // hkv,
                                               page_size=page_size, pages_per_block=ppb)
     if why is not None:
