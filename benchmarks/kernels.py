@@ -2,7 +2,8 @@
 
     PYTHONPATH=$PWD python benchmarks/kernels.py --out results.json [--plot results.png]
         [--quick] [--budget-s 420] [--commit HASH] [--tune [triton,mosaic]]
-        [--decode-only | --prefill-only] [--profile]
+        [--decode-only | --prefill-only] [--profile] [--batches 32,64] [--contexts 2048,4096]
+        [--no-write]
         [--interpret]
 
 Decode: effective bandwidth = (KV bytes read + q + out bytes) / time, next to a device-to-device
@@ -233,7 +234,7 @@ def jax_paged(q, k, v, md, **kw):
     return jpa.paged_attention(q, k[0], v[0], md.block_tables, md.seq_lens, **kw)
 
 
-def bench_decode(batch, ctx, copy_bw, tune, budget, interpret=False, profile=False):
+def bench_decode(batch, ctx, copy_bw, tune, budget, interpret=False, profile=False, write=True):
     kv_bytes = batch * ctx * HKV * D * 2 * 2
     io_bytes = kv_bytes + 2 * batch * H * D * 2
     copies = max(1, min(8, math.ceil(512e6 / kv_bytes)))
@@ -312,7 +313,7 @@ def bench_decode(batch, ctx, copy_bw, tune, budget, interpret=False, profile=Fal
         elif name in row:
             line += f"| {name} {row[name]['error'][:80]} "
     log(line)
-    if time.time() - START <= budget:
+    if write and time.time() - START <= budget:
         row["write_kv"] = bench_decode_write(sets, io_bytes, copy_bw, iters=iters,
                                              interpret=interpret)
         log(f"decode B={batch:4d} ctx={ctx:6d} K/V write, us per layer: " + " | ".join(
@@ -504,14 +505,15 @@ def plot(report, path):
     fig, axes = plt.subplots(1, len(impls), figsize=(6.5 * len(impls), 5))
     for ax, impl in zip(axes, impls):
         for b in BATCHES:
-            pts = [(r["context"], r[impl]["frac_copy"] * 100) for r in report["decode"]
+            pts = [(r["context"], r[impl].get("frac_copy_busy", r[impl]["frac_copy"]) * 100)
+                   for r in report["decode"]
                    if r["batch"] == b and "frac_copy" in r.get(impl, {})]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"batch {b}")
         ax.axhline(90, ls="--", c="gray")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context")
-        ax.set_ylabel("% of D2D copy bandwidth")
+        ax.set_ylabel("% of D2D copy bandwidth (device busy time where traced)")
         ax.set_title(f"decode, {impl} ({report['device']})")
         ax.legend()
     fig.tight_layout()
@@ -535,6 +537,13 @@ def main(argv=None):
     ap.add_argument("--interpret", action="store_true",
                     help="CPU check of this script: our kernels in Pallas interpret mode on tiny "
                          "shapes, GPU-only comparisons skipped (its timings mean nothing)")
+    ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
+    ap.add_argument("--batches", type=ints, default=BATCHES,
+                    help="decode matrix rows, comma-separated (default: issue 4's)")
+    ap.add_argument("--contexts", type=ints, default=CONTEXTS,
+                    help="decode matrix columns, comma-separated (default: issue 4's)")
+    ap.add_argument("--no-write", action="store_true",
+                    help="skip the fused K/V write rows (a scan over layers per shape)")
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--commit", default="unknown")
     args = ap.parse_args(argv)
@@ -556,7 +565,7 @@ def main(argv=None):
         f" bf16 matmul {report['matmul_flops'] / 1e12:.0f} TFLOP/s")
     correctness(report["correctness"], interpret=args.interpret)
     save()
-    shapes = [(b, c) for b in BATCHES for c in CONTEXTS]
+    shapes = [(b, c) for b in args.batches for c in args.contexts]
     if args.quick:
         shapes = [(32, 2048), (128, 4096), (1, 32768), (8, 8192), (256, 1024)]
     if args.interpret:
@@ -577,7 +586,7 @@ def main(argv=None):
             (32, 2048), (128, 4096), (1, 32768), (256, 1024), (8, 8192)) else set()
         report["decode"].append(bench_decode(b, c, report["copy_bytes_per_s"], tune,
                                              args.budget_s, interpret=args.interpret,
-                                             profile=args.profile))
+                                             profile=args.profile, write=not args.no_write))
         save()
     print("\n| batch | context | pallas triton (TB/s, % copy) | pallas mosaic | jax pallas paged "
           "| xla gather |")
