@@ -75,3 +75,21 @@ def test_buckets_section_shows_lone_ttft_only_when_measured():
     doc["results"]["ladders"] = [dict(row, lone_ttft_p50_ms=21.5), dict(row, ladder="2048x1,64")]
     new = "\n".join(md._buckets(doc))
     assert "lone TTFT P50 ms" in new and "| 21.50 |" in new and new.rstrip().count("| - |") >= 1
+
+
+def test_kernel_targets_take_the_minimum_over_the_selected_shapes(tmp_path):
+    """Issue 4's rows: the worst selected shape counts; a selected shape left unmeasured (an error
+    row, or the budget ran out) leaves the target unmeasured instead of reading a best case."""
+    md = _load("make_results_md")
+    row = lambda b, c, busy: {"batch": b, "context": c,                   # noqa: E731
+                              "pallas_mosaic": {"frac_copy": busy / 2, "frac_copy_busy": busy}}
+    decode = [row(1, 32768, 0.75), row(32, 2048, 0.86), row(128, 4096, 1.02), row(8, 8192, 0.4)]
+    doc = {"device": "NVIDIA H200", "decode": decode, "prefill": []}
+    (tmp_path / "2026-11-22-h200-kernels-decode-matrix.json").write_text(json.dumps(doc))
+    text = md.render(tmp_path)
+    assert "| decode, Mosaic kernel, min over batch 32-256 x context 2k-32k, fraction of copy (busy) " \
+           "| >= 0.9 | 0.86 x |" in text
+    assert "as above by wall clock | >= 0.9 | 0.43 x |" in text
+    decode.append({"batch": 64, "context": 2048, "pallas_mosaic": {"error": "ValueError: ..."}})
+    (tmp_path / "2026-11-22-h200-kernels-decode-matrix.json").write_text(json.dumps(doc))
+    assert "fraction of copy (busy) | >= 0.9 | not measured |" in md.render(tmp_path)
