@@ -1,0 +1,429 @@
+"""Mosaic GPU (Hopper) ragged paged PREFILL attention: warp-specialised TMA ring + wgmma.
+
+Layers 1 and 2 of DESIGN.md rule 7 (kernel body and ``plgpu.kernel`` wrapper) plus the shape
+planning the dispatcher needs (``unsupported_reason``, ``smem_bytes``, ``make_plan``); the public entry,
+tuning table and fallback to Triton are in ``paged_attention.py`` (``kernel="mosaic"`` on a
+non-decode call). ``prefill_call`` has the contract of ``paged_attention._prefill``: q [T, H, D],
+whole caches [L, Hkv, P, page, D] with a traced layer, and the work items of
+``paged_attention._prefill_items`` (``block_q`` tokens of ONE sequence each).
+
+Why: the Triton-lowered prefill kernel reaches 16-40% of the dense bf16 matmul rate on an H200
+(2k-8k causal chunks); its K/V pages come in by pointer loads with little pipelining. Here, as in
+FlashAttention-3, a CTA holds ``compute_wgs`` (1 or 2) compute warpgroups plus one producer
+warpgroup:
+
+    CTA = (item, q head); compute warpgroup w owns the item's tokens [q_lo + 64 w, +64) of that
+    head, 64 wgmma rows (one TMA box: a strided [64, D] copy of q [T, H, D]).
+    producer:  table -> SMEM; issue K/V blocks 0..S-1 into ring slots 0..S-1 (one TMA per page);
+               then for each later block i: wait until every compute warpgroup freed slot
+               i % S (k_free/v_free barriers), refill it with block i.
+    compute:   for each block: wait K -> S = Q K^T (wgmma) -> free K -> mask (only where
+               needed) + online softmax -> wait V -> O += P V (wgmma) -> free V.
+
+Two compute warpgroups share one K/V stream, so K/V SMEM traffic per query row halves; the producer
+keeps ``num_stages`` blocks in flight while the tensor cores work. Each warpgroup's block range is
+its own (causal: the first warpgroup's rows end 64 keys earlier); the blocks of the item's stream
+it does not need are waited for and freed without math, so the ring's barrier phases stay the
+same for every warpgroup (each thread tracks barrier parity itself, on the GPU and in the
+interpreter).
+
+Rows: a warpgroup's 64 rows are consecutive tokens of one sequence, so row r has position
+``p0 + r`` (p0 = the first row's position): the positions of a sequence's query tokens in a step
+are consecutive (the scheduler's invariant, which ``_prefill_items`` relies on as well), and the
+kernel needs no per-row positions. Key k is visible to row r when ``k <= p0 + r`` (and
+``k > p0 + r - window``). Blocks wholly visible to every real row of the warpgroup skip the mask
+(the fast path, most of a long chunk); at most the window's leading blocks and the causal
+diagonal's trailing blocks are masked. Masked logits get a large finite negative (never
+``inf - inf``): a real row always sees its own key in its last block.
+
+Items and output: items are sorted longest-first (their key range) so the long causal items do not
+form the tail; the grid is flat (item x head, heads fastest) so the CTAs of one item, which read
+the same K/V pages, run together. TMA stores cannot be masked per row and items of neighbouring
+sequences overlap in the flat token range, so each warpgroup writes its 64-row tile to a padded
+output [N_items * block_q, H, D]; the wrapper gathers the real rows back (one XLA gather). q is
+padded with ``block_q`` zero rows so a box never runs past the array.
+
+Interpret mode (``interpret=True``, the CPU tests): Mosaic GPU's interpreter runs the warpgroups
+as concurrent threads and simulates SMEM, TMA copies and every barrier, which it checks (a thread
+that skips a phase, a barrier completing again before anyone saw the last completion, races with
+``detect_races``). As in ``mosaic_attention.py``, two substitutions, both no-ops for the values:
+the matmuls run as jnp.dot on the same SMEM tiles (the 0.10.2 interpreter cannot run wgmma with a
+transposed B or an A in registers), and ``layout_cast`` is skipped. The GPU's ``pl.run_state``
+accumulation of P V into the running O (FA3's in-place accumulator) is thus exercised only by the
+CUDA lowering test, not by the interpreter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_attention import (
+    _LOG2E, _SWIZZLE, _TILE_ROWS, BLOCK_KEYS_MULTIPLE, MASK_VALUE, MAX_BLOCK_KEYS,
+    SUPPORTED_DTYPES, WGMMA_ROWS, interpret_params, table_layout)
+
+MAX_HEAD_DIM = 256       # a TMA box dimension and the P V wgmma's N are at most 256
+# Register split of a 3-warpgroup CTA (FA3's): 2 x 128 x 232 + 128 x 40 <= 64 Ki registers.
+_COMPUTE_REGISTERS = 232
+_PRODUCER_REGISTERS = 40
+
+
+def unsupported_reason(*, dtype, head_dim: int, page_size: int, block_keys: int) -> str | None:
+    """Why the Mosaic prefill kernel cannot run the given shape (None when it can)."""
+    if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
+        return (f"dtype {jnp.dtype(dtype)} (the Mosaic prefill kernel runs bf16/fp16 only: fp32 "
+                "wgmma is TF32)")
+    if head_dim % 64 or head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} (must be a multiple of 64, at most {MAX_HEAD_DIM})"
+    if page_size % _TILE_ROWS:
+        return f"page_size {page_size} (must be a multiple of {_TILE_ROWS})"
+    if block_keys % page_size or block_keys % BLOCK_KEYS_MULTIPLE or block_keys > MAX_BLOCK_KEYS:
+        return (f"blocks of {block_keys} keys with pages of {page_size} (must be whole pages, a "
+                f"multiple of {BLOCK_KEYS_MULTIPLE} and at most {MAX_BLOCK_KEYS})")
+    return None
+
+
+def smem_bytes(*, head_dim: int, block_k: int, num_stages: int, itemsize: int,
+               table_entries: int, compute_wgs: int) -> int:
+    """Shared memory one CTA asks for: the K and V rings, a query/output tile per compute
+    warpgroup, the item's block table (barriers: a few dozen bytes, in the slack)."""
+    ring = 2 * num_stages * block_k * head_dim * itemsize
+    q_tiles = compute_wgs * WGMMA_ROWS * head_dim * itemsize
+    return ring + q_tiles + 4 * table_entries
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillPlan:
+    pages_per_block: int
+    num_stages: int
+    compute_wgs: int
+    table_shape: tuple[int, int]     # (rows, cols) of one item's block table in SMEM
+    smem: int                        # bytes a CTA asks for
+
+    @property
+    def block_q(self) -> int:
+        return self.compute_wgs * WGMMA_ROWS
+
+
+def make_plan(*, dtype, head_dim: int, page_size: int, max_pages: int, block_keys: int,
+         num_stages: int, compute_wgs: int, smem_limit: int) -> PrefillPlan | str:
+    """The kernel's configuration for a shape, or the reason it cannot run it. The ring shrinks
+    (fewer stages down to 2, then 64-key blocks) until a CTA fits ``smem_limit``."""
+    block_keys = max(block_keys, page_size)      # a block holds whole pages
+    why = unsupported_reason(dtype=dtype, head_dim=head_dim, page_size=page_size,
+                             block_keys=block_keys)
+    if why is not None:
+        return why
+    if compute_wgs not in (1, 2):
+        return f"{compute_wgs} compute warpgroups (1 or 2)"
+    itemsize = jnp.dtype(dtype).itemsize
+
+    def fit(keys, stages):
+        ppb = keys // page_size
+        rows, cols = table_layout(-(-max_pages // ppb) * ppb)
+        smem = smem_bytes(head_dim=head_dim, block_k=keys, num_stages=stages, itemsize=itemsize,
+                          table_entries=rows * cols, compute_wgs=compute_wgs)
+        return PrefillPlan(ppb, stages, compute_wgs, (rows, cols), smem)
+
+    p = fit(block_keys, num_stages)
+    while p.smem > smem_limit and (p.num_stages > 2 or p.pages_per_block * page_size > 64):
+        if p.num_stages > 2:
+            p = fit(block_keys, p.num_stages - 1)
+        else:
+            block_keys //= 2
+            if block_keys % page_size or block_keys % BLOCK_KEYS_MULTIPLE:
+                break
+            p = fit(block_keys, p.num_stages)
+    if p.smem > smem_limit:
+        return (f"no {p.num_stages}-stage ring of {p.pages_per_block * page_size}-key blocks fits "
+                f"shared memory ({p.smem} > {smem_limit} bytes)")
+    if p.table_shape[0] > 256:
+        return f"{max_pages} pages per sequence (more than one TMA copy of the table)"
+    return p
+
+
+def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *scratch, scale,
+                  soft_cap, sliding_window, page_size, pages_per_block, num_pages, num_kv_heads,
+                  num_heads, num_stages, compute_wgs, interpret):
+    specialised = compute_wgs > 1                # a producer warpgroup feeds the ring
+    if specialised:
+        q_smem, k_smem, v_smem, table_smem, q_bar, k_bar, v_bar, table_bar, k_free, v_free = scratch
+    else:
+        q_smem, k_smem, v_smem, table_smem, q_bar, k_bar, v_bar, table_bar = scratch
+    work = lax.axis_index("work")
+    item = work // num_heads                     # items are sorted longest-first
+    head = work % num_heads
+    wg = lax.axis_index("wg")                    # 0..compute_wgs-1 compute, compute_wgs producer
+    head_dim = q_ref.shape[-1]
+    block_k = pages_per_block * page_size
+    block_q = compute_wgs * WGMMA_ROWS
+    dtype = q_ref.dtype
+    # Register layouts fix how loop carries and constants live in the warpgroup's registers; the
+    # interpreter has no rule for ``layout_cast`` (a no-op on values), so skip it there.
+    wgmma_layout = (lambda x: x) if interpret else (
+        lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA))
+    row_layout = (lambda x: x) if interpret else (
+        lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1)))
+
+    # Item row: (q_lo, q_hi, 0, kv_hi, first position + 1, ...) from _prefill_items without a
+    # window; an empty item (q_lo == q_hi) streams no blocks and stores nothing.
+    q_lo = items_ref[item, 0]
+    q_hi = items_ref[item, 1]
+    kv_hi = items_ref[item, 3]
+    first_pos = items_ref[item, 4] - 1
+    kv_lo = 0 if sliding_window is None else jnp.maximum(0, first_pos - sliding_window + 1)
+    first_block = kv_lo // block_k               # blocks are aligned to block_k keys (whole pages)
+    num_blocks = jnp.where(q_hi > q_lo, (kv_hi + block_k - 1) // block_k - first_block, 0)
+
+    def issue(cache_ref, ring, barriers, i, slot):
+        """Block i of the item's stream into ring slot ``slot``: one TMA per page, all on the
+        slot's barrier (which expects ``pages_per_block`` arrivals)."""
+        page_base = (layer_ref[0] * num_kv_heads + head // (num_heads // num_kv_heads)) * num_pages
+        table_cols = table_smem.shape[1]
+        for j in range(pages_per_block):
+            entry = (first_block + i) * pages_per_block + j
+            page_id = table_smem[entry // table_cols, entry % table_cols]
+            plgpu.copy_gmem_to_smem(cache_ref.at[page_base + page_id],
+                                    ring.at[slot, pl.ds(j * page_size, page_size)],
+                                    barriers.at[slot])
+
+    def start_stream():
+        plgpu.copy_gmem_to_smem(tables_ref.at[item], table_smem, table_bar)
+        plgpu.barrier_wait(table_bar)
+        for s in range(num_stages):
+            @pl.when(s < num_blocks)
+            def _prologue():
+                issue(k_ref, k_smem, k_bar, s, s)
+                issue(v_ref, v_smem, v_bar, s, s)
+
+    def release(cache_ref, ring, barriers, free, i, slot):
+        """The compute warpgroup has read slot ``slot`` (block i): with a producer, say so;
+        alone, refill the slot with block i + S right away."""
+        if specialised:
+            plgpu.barrier_arrive(free.at[slot])
+        else:
+            @pl.when(i + num_stages < num_blocks)
+            def _refill():
+                issue(cache_ref, ring, barriers, i + num_stages, slot)
+
+    def producer():
+        plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+        start_stream()
+
+        def refill(i, _):
+            # Block i goes where block i - S was, once every compute warpgroup has freed it.
+            slot = lax.rem(i, num_stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            issue(k_ref, k_smem, k_bar, i, slot)
+            plgpu.barrier_wait(v_free.at[slot])
+            issue(v_ref, v_smem, v_bar, i, slot)
+        lax.fori_loop(num_stages, num_blocks, refill, None)
+
+        def drain(i, _):
+            # The last S blocks' frees, waited so that this thread observes every phase of the
+            # free barriers (the interpreter checks it; on the GPU it only delays this exit).
+            slot = lax.rem(i, num_stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+        lax.fori_loop(jnp.maximum(num_blocks - num_stages, 0), num_blocks, drain, None)
+
+    def compute():
+        if specialised:
+            plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+        rows_lo = q_lo + wg * WGMMA_ROWS
+        num_rows = jnp.clip(q_hi - rows_lo, 0, WGMMA_ROWS)   # real rows of this warpgroup
+        p0 = first_pos + wg * WGMMA_ROWS                      # position of row 0
+        q_tile = q_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(rows_lo, WGMMA_ROWS), head], q_tile, q_bar.at[wg])
+        if not specialised:
+            start_stream()
+        plgpu.barrier_wait(q_bar.at[wg])
+
+        # This warpgroup's blocks (absolute indices): [start, end) hold a key some real row
+        # sees; [full_lo, full_hi) inside it is visible to every real row (no mask). Alone, the
+        # warpgroup's range is the item's.
+        has_rows = num_rows > 0
+        end = jnp.where(has_rows, (p0 + num_rows + block_k - 1) // block_k, first_block)
+        if sliding_window is None:
+            start = jnp.where(has_rows, first_block, end)
+            full_lo = start
+        else:
+            start = jnp.where(has_rows, jnp.maximum(0, p0 - sliding_window + 1) // block_k, end)
+            # Every real row sees key k >= p0 + num_rows - window.
+            full_lo = jnp.clip(-(-(p0 + num_rows - sliding_window) // block_k), start, end)
+        full_hi = jnp.clip((p0 + 1) // block_k, full_lo, end)
+        a, b, c, d = (x - first_block for x in (start, full_lo, full_hi, end))
+
+        # Matmuls: wgmma on the GPU (B = K^T through transpose_ref, P from registers, O
+        # accumulated in place as in pallas/ops/gpu/attention_mgpu.py); jnp.dot on the same SMEM
+        # tiles in the interpreter, which supports neither a transposed B nor an A in registers.
+        def qk_matmul(slot):
+            if interpret:
+                return jnp.dot(q_tile[...], k_smem[slot].T, preferred_element_type=jnp.float32)
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                return acc_ref[...]               # waits for the wgmma to finish
+            return pl.run_scoped(qk, plgpu.ACC((WGMMA_ROWS, block_k), jnp.float32))
+
+        def pv_matmul(acc, p, slot):
+            if interpret:
+                return acc + jnp.dot(p, v_smem[slot], preferred_element_type=jnp.float32)
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+            return pl.run_state(pv)(plgpu.ACC.init(acc))   # returns after the wgmma finished
+
+        def step(i, carry, masked):
+            acc, m, l = carry
+            slot = lax.rem(i, num_stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            s = qk_matmul(slot)                   # [64, block_k] f32
+            release(k_ref, k_smem, k_bar, k_free if specialised else None, i, slot)
+            # Logits in the log2 domain (exp2 below).
+            if soft_cap is None:
+                s = s * (scale * _LOG2E)
+            else:
+                s = jnp.tanh(s * (scale / soft_cap)) * (soft_cap * _LOG2E)
+            if masked:
+                # Key kb + col vs row position p0 + row: visible iff col - row <= p0 - kb
+                # (and > p0 - kb - window).
+                iota = lambda dim: wgmma_layout(
+                    lax.broadcasted_iota(jnp.int32, (WGMMA_ROWS, block_k), dim))
+                diff = iota(1) - iota(0)
+                rel = p0 - (first_block + i) * block_k
+                visible = diff <= rel
+                if sliding_window is not None:
+                    visible &= diff > rel - sliding_window
+                s = jnp.where(visible, s, MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l = l * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            plgpu.barrier_wait(v_bar.at[slot])
+            acc = pv_matmul(acc, p.astype(dtype), slot)
+            release(v_ref, v_smem, v_bar, v_free if specialised else None, i, slot)
+            return acc, m_new, l
+
+        def skip(i, _):
+            # A block of the item's stream that this warpgroup sees no key of (the other one
+            # does): observe its arrival and free it.
+            slot = lax.rem(i, num_stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+
+        masked_step = functools.partial(step, masked=True)
+        carry = (wgmma_layout(jnp.zeros((WGMMA_ROWS, head_dim), jnp.float32)),
+                 row_layout(jnp.full((WGMMA_ROWS,), MASK_VALUE, jnp.float32)),
+                 row_layout(jnp.zeros((WGMMA_ROWS,), jnp.float32)))
+        if specialised:
+            lax.fori_loop(0, a, skip, None)
+        carry = lax.fori_loop(a, b, masked_step, carry)       # the window's leading edge
+        carry = lax.fori_loop(b, c, functools.partial(step, masked=False), carry)
+        acc, _, l = lax.fori_loop(c, d, masked_step, carry)   # the causal diagonal
+        if specialised:
+            lax.fori_loop(d, num_blocks, skip, None)
+
+        @pl.when(has_rows)
+        def _store():
+            # l > 0 for every real row: its own key lies in its last block.
+            out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
+            q_tile[...] = out.astype(dtype)       # every wgmma reading q_tile has completed
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(
+                q_tile, o_ref.at[pl.ds(item * block_q + wg * WGMMA_ROWS, WGMMA_ROWS), head])
+            plgpu.wait_smem_to_gmem(0)
+
+    if specialised:
+        pl.when(wg == compute_wgs)(producer)
+        pl.when(wg < compute_wgs)(compute)
+    else:
+        compute()
+
+
+def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, soft_cap,
+                 sliding_window, plan: PrefillPlan, interpret):
+    """Ragged paged prefill attention on Hopper.
+
+    q [T, H, D]; k_cache/v_cache [L, Hkv, P, page, D] whole; layer_arr [1] int32; items [N, 8]
+    from ``_prefill_items(md, T, plan.block_q, sliding_window=None)`` (the window is applied
+    here); item_tables [N, max_pages] (each item's sequence's block table, null-page padded).
+    ``interpret``: False (GPU), True (``interpret_params()``) or interpret params.
+    Returns [T, H, D] in q's dtype (rows of tokens outside every item are unspecified).
+    """
+    t, h, d = q.shape
+    num_layers, hkv, num_pages, page_size, _ = k_cache.shape
+    why = unsupported_reason(dtype=q.dtype, head_dim=d, page_size=page_size,
+                             block_keys=plan.pages_per_block * page_size)
+    if why is not None:
+        raise ValueError(f"the Mosaic GPU prefill kernel does not support {why}")
+    if k_cache.dtype != q.dtype:
+        raise ValueError(f"q ({q.dtype}) and the caches ({k_cache.dtype}) must have one dtype")
+    n = items.shape[0]
+    block_q = plan.block_q
+    rows, cols = plan.table_shape
+    ppb = plan.pages_per_block
+    max_pages = item_tables.shape[1]
+    if rows * cols < -(-max_pages // ppb) * ppb:
+        raise ValueError(f"plan's table {plan.table_shape} is smaller than {max_pages} pages")
+
+    # Longest key range first (empty items last), so long causal items do not form the tail.
+    items = items.astype(jnp.int32)
+    valid = items[:, 1] > items[:, 0]
+    order = jnp.argsort(jnp.where(valid, -items[:, 3], 1), stable=True)
+    tables = jnp.pad(item_tables.astype(jnp.int32), ((0, 0), (0, rows * cols - max_pages)))
+    tables = tables[order].reshape(n, rows, cols)
+    q_padded = jnp.pad(q, ((0, block_q), (0, 0), (0, 0)))      # boxes never run past the end
+    flat = (num_layers * hkv * num_pages, page_size, d)          # a bitcast of the caches
+
+    tiled = (plgpu.TilingTransform((_TILE_ROWS, _SWIZZLE // q.dtype.itemsize)),
+             plgpu.SwizzleTransform(_SWIZZLE))
+    block_k = ppb * page_size
+    stages = plan.num_stages
+    scratch = [
+        plgpu.SMEM((plan.compute_wgs, WGMMA_ROWS, d), q.dtype, transforms=tiled),  # q / out
+        plgpu.SMEM((stages, block_k, d), q.dtype, transforms=tiled),               # K ring
+        plgpu.SMEM((stages, block_k, d), q.dtype, transforms=tiled),               # V ring
+        plgpu.SMEM((rows, cols), jnp.int32),                                       # item's pages
+        plgpu.Barrier(num_barriers=plan.compute_wgs),                              # q tiles
+        plgpu.Barrier(num_arrivals=ppb, num_barriers=stages),                      # K landed
+        plgpu.Barrier(num_arrivals=ppb, num_barriers=stages),                      # V landed
+        plgpu.Barrier(),                                                           # table
+    ]
+    if plan.compute_wgs > 1:    # the producer refills a slot once every compute warpgroup freed it
+        scratch += [plgpu.Barrier(num_arrivals=plan.compute_wgs, num_barriers=stages)] * 2
+    interpreting = interpret is not False and interpret is not None
+    body = functools.partial(
+        _prefill_body, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        page_size=page_size, pages_per_block=ppb, num_pages=num_pages, num_kv_heads=hkv,
+        num_heads=h, num_stages=stages, compute_wgs=plan.compute_wgs, interpret=interpreting)
+    body.__name__ = "jaxllm_ragged_prefill_mosaic"   # the kernel's name in profiles
+    out = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((n * block_q, h, d), q.dtype),
+        scratch_types=scratch,
+        grid=(n * h,),
+        grid_names=("work",),
+        num_threads=plan.compute_wgs + 1 if plan.compute_wgs > 1 else 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=(interpret_params() if interpret is True else interpret or None),
+    )(layer_arr, items[order], tables, q_padded, k_cache.reshape(flat), v_cache.reshape(flat))
+
+    # Token t -> its item (valid items tile [0, query_start_loc[-1]) in order, so the first item
+    # ending after t), its row in the item, and the item's place in the sorted order.
+    ends = jnp.where(valid, items[:, 1], jnp.iinfo(jnp.int32).max)
+    tok = jnp.arange(t, dtype=jnp.int32)
+    owner = jnp.minimum(jnp.searchsorted(ends, tok, side="right"), n - 1)
+    row = jnp.clip(tok - items[owner, 0], 0, block_q - 1)
+    sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    return out[sorted_pos[owner] * block_q + row]

@@ -1,0 +1,179 @@
+"""The Mosaic GPU (Hopper) prefill kernel vs the pure-jnp reference, in Mosaic GPU interpret mode.
+
+``paged_attention(..., kernel="mosaic", interpret=True)`` on a prefill/mixed batch runs the kernel
+of ``pallas_kernels/mosaic_prefill.py`` in Mosaic GPU's CPU interpreter (SMEM, TMA page copies,
+ring barriers and the output tiles simulated; the two matmuls as jnp.dot on the same SMEM tiles).
+Every output buffer and SMEM scratch starts as NaN, and cache slots no valid key occupies hold large
+random values (pallas_kernels/testing.py), so an unwritten row, a wrong gather of the padded
+output, or a masked key that leaks into the softmax (e.g. a block wrongly taking the unmasked fast
+path) fails the comparison.
+
+The interpreter default is one compute warpgroup (64 query rows, inline: fast on the CPU); the
+GPU default, two compute warpgroups fed by a producer warpgroup, runs as three interpreter threads
+whose jaxprs compile per grid point (seconds each), so it gets one small case that still covers
+its protocol: a warpgroup skipping the item's leading (window) and trailing (causal) blocks, an
+empty warpgroup, an empty item. ``test_lowers_for_cuda`` lowers both variants for CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from pallas_kernels import mosaic_attention, mosaic_prefill
+from pallas_kernels.paged_attention import _prefill_items, paged_attention
+from pallas_kernels.reference import paged_attention_reference
+from pallas_kernels.testing import make_batch
+from tests.test_kernels_mosaic import TOL, _args
+
+# Sequences: (context, queries). A whole prompt over two 64-row items plus a short tail, an exact
+# block multiple, a single query (decode-like) token, and a chunk after a cached prefix of 90.
+SEQS = [(150, 150), (64, 64), (9, 1), (160, 70)]
+
+# (group, kv heads, head_dim, page_size, dtype, options, tuning); the interpret tuning is 64-key
+# blocks in a 2-deep ring (up to 3 blocks a sequence: slots are reused).
+CASES = [
+    (1, 2, 64, 16, jnp.bfloat16, {}, {"pages_per_block": 8}),        # 128-key blocks
+    (4, 1, 128, 16, jnp.bfloat16, {"soft_cap": 7.0}, {"num_stages": 3}),
+    (8, 1, 64, 32, jnp.float16, {"sliding_window": 21}, {}),
+    # A window wider than an item: masked leading blocks, unmasked middle ones, masked diagonal.
+    (4, 1, 128, 32, jnp.bfloat16, {"soft_cap": 7.0, "sliding_window": 150}, {}),
+]
+
+
+def _batch(seed, seqs, *, group, kv_heads, head_dim, page, dtype, **kw):
+    ctx, qs = zip(*seqs)
+    return make_batch(np.random.default_rng(seed), seq_lens=ctx, q_lens=qs,
+                      num_heads=group * kv_heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                      page_size=page, dtype=dtype, **kw)
+
+
+def _check(batch, out, num_real_tokens, dtype, **kw):
+    """Per token (not over the whole batch, where a few wrong rows would drown): relative error
+    of the token's [H, D] output against the f64 reference."""
+    ref = np.asarray(paged_attention_reference(*_args(batch), scale=batch.q.shape[-1] ** -0.5,
+                                               **kw), np.float64)[:num_real_tokens]
+    out = np.asarray(out, np.float64)[:num_real_tokens]
+    assert np.isfinite(out).all(), "kernel left unwritten (NaN) or non-finite outputs"
+    err = np.linalg.norm(out - ref, axis=(1, 2)) / np.linalg.norm(ref, axis=(1, 2))
+    assert err.max() <= TOL[dtype], f"token {err.argmax()}: relative error {err.max():.3g}"
+
+
+def _run(batch, **kw):
+    return paged_attention(*_args(batch), scale=batch.q.shape[-1] ** -0.5, kernel="mosaic",
+                           interpret=True, **kw)
+
+
+@pytest.mark.parametrize("group,kv_heads,head_dim,page,dtype,opts,tuning", CASES)
+def test_prefill_matches_reference(group, kv_heads, head_dim, page, dtype, opts, tuning):
+    batch = _batch(group * 100 + head_dim + page, SEQS, group=group, kv_heads=kv_heads,
+                   head_dim=head_dim, page=page, dtype=dtype, max_pages=256 // page,
+                   pad_tokens=1, pad_seqs=1)
+    _check(batch, _run(batch, **opts, **tuning), sum(q for _, q in SEQS), dtype, **opts)
+
+
+def test_two_compute_warpgroups_with_producer():
+    # 129 queries at positions 100..228, 64-key blocks: item 0 = 128 rows; its stream is blocks
+    # 0..3, the first warpgroup (rows 100..163) needs 0..2, the second (164..227, window 100)
+    # 1..3. Item 1 = one row (the second warpgroup is empty), item 2 is empty. Three interpreter
+    # threads per grid point.
+    batch = _batch(4, [(229, 129)], group=1, kv_heads=1, head_dim=64, page=16,
+                   dtype=jnp.bfloat16)
+    _check(batch, _run(batch, block_q=128, sliding_window=100), 129, jnp.bfloat16,
+           sliding_window=100)
+
+
+def test_ring_protocol_has_no_races():
+    # Every SMEM read of a ring slot must be ordered after the barrier wait of the TMA copies that
+    # filled it (vector clocks, one per copy); a dropped barrier_wait fails here.
+    batch = _batch(5, [(190, 100), (7, 7)], group=2, kv_heads=1, head_dim=64, page=16,
+                   dtype=jnp.bfloat16)
+    q, k, v, layer, md = _args(batch)
+    plan = mosaic_prefill.make_plan(dtype=jnp.bfloat16, head_dim=64, page_size=16,
+                                    max_pages=md.block_tables.shape[1], block_keys=64,
+                                    num_stages=2, compute_wgs=1, smem_limit=227 * 1024)
+    items, seq = _prefill_items(md, q.shape[0], plan.block_q, None)
+    out = mosaic_prefill.prefill_call(
+        q, k, v, jnp.reshape(layer, (1,)), items, md.block_tables[seq], scale=0.125,
+        soft_cap=None, sliding_window=None, plan=plan,
+        interpret=mosaic_attention.interpret_params(detect_races=True))
+    assert not mosaic_attention.races_detected()
+    _check(batch, out, 107, jnp.bfloat16)
+
+
+def test_matches_triton_kernel_with_cache_write():
+    # What the engine runs: a mixed step (a prompt chunk and decode tokens) with new_kv, written
+    # to the caches before the kernel; same caches, and outputs within bf16 rounding of Triton's.
+    batch = _batch(6, [(100, 100), (40, 1), (75, 1)], group=4, kv_heads=2, head_dim=64,
+                   page=16, dtype=jnp.bfloat16, pad_tokens=2)
+    q, k, v, layer, md = _args(batch)
+    rng = np.random.default_rng(7)
+    new_kv = tuple(jnp.asarray(rng.standard_normal((q.shape[0], 2, 64)), jnp.bfloat16)
+                   for _ in range(2))
+    runs = [paged_attention(q, k, v, layer, md, scale=0.125, new_kv=new_kv, kernel=kernel,
+                            interpret=True) for kernel in ("mosaic", "triton")]
+    (out_m, k_m, v_m), (out_t, k_t, v_t) = runs
+    np.testing.assert_array_equal(np.asarray(k_m), np.asarray(k_t))
+    np.testing.assert_array_equal(np.asarray(v_m), np.asarray(v_t))
+    out_m, out_t = (np.asarray(x, np.float64)[:102] for x in (out_m, out_t))
+    assert np.isfinite(out_m).all()
+    assert np.linalg.norm(out_m - out_t) <= 1e-2 * np.linalg.norm(out_t)
+
+
+def test_unsupported_shapes_run_the_triton_kernel(caplog):
+    # fp32 (wgmma would be TF32): the Triton prefill kernel runs it, and the log says so once.
+    caplog.set_level("WARNING", logger="jaxllm.pallas_kernels")
+    importlib.import_module("pallas_kernels.paged_attention")._log_mosaic_fallback.cache_clear()
+    batch = _batch(8, [(40, 30), (9, 9)], group=2, kv_heads=2, head_dim=64, page=16,
+                   dtype=np.float32)
+    out = _run(batch)
+    triton = paged_attention(*_args(batch), scale=0.125, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(triton))
+    _check(batch, out, 39, np.float32)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("Triton prefill kernel runs it" in m and "float32" in m for m in logged), logged
+
+
+def test_plan_and_validation():
+    plan = mosaic_prefill.make_plan
+    base = dict(dtype=jnp.bfloat16, head_dim=128, page_size=16, max_pages=512, block_keys=128,
+                num_stages=2, compute_wgs=2, smem_limit=227 * 1024)
+    p = plan(**base)
+    assert (p.pages_per_block, p.num_stages, p.block_q) == (8, 2, 128)
+    assert p.smem == mosaic_prefill.smem_bytes(head_dim=128, block_k=128, num_stages=2,
+                                               itemsize=2, table_entries=512, compute_wgs=2)
+    # d256: the 128-key ring does not fit next to two 64 x 256 query tiles; 64-key blocks do.
+    p = plan(**{**base, "head_dim": 256, "num_stages": 3})
+    assert (p.pages_per_block * 16, p.num_stages) == (64, 2) and p.smem <= 227 * 1024
+    assert "float32" in plan(**{**base, "dtype": jnp.float32})
+    assert "head_dim 96" in plan(**{**base, "head_dim": 96})
+    assert "page_size 4" in plan(**{**base, "page_size": 4})
+    batch = _batch(9, [(20, 20)], group=1, kv_heads=1, head_dim=64, page=16, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_q must be 64 or 128"):
+        _run(batch, block_q=32)
+
+
+@pytest.mark.parametrize("compute_wgs,head_dim,soft_cap,sliding_window", [
+    (1, 64, None, None), (2, 128, None, None), (2, 256, 30.0, 1000)])
+def test_lowers_for_cuda(compute_wgs, head_dim, soft_cap, sliding_window):
+    # Lowering to Mosaic GPU runs without a GPU and checks TMA boxes, wgmma operand shapes and
+    # swizzles, register layouts and the warpgroup split; PTX compilation and running need one.
+    t, h, hkv, page, pages, n = 256, 8, 2, 16, 64, 6
+    plan = mosaic_prefill.make_plan(dtype=jnp.bfloat16, head_dim=head_dim, page_size=page,
+                                    max_pages=pages, block_keys=128, num_stages=2,
+                                    compute_wgs=compute_wgs, smem_limit=227 * 1024)
+    args = (jax.ShapeDtypeStruct((t, h, head_dim), jnp.bfloat16),
+            jax.ShapeDtypeStruct((2, hkv, 300, page, head_dim), jnp.bfloat16),
+            jax.ShapeDtypeStruct((2, hkv, 300, page, head_dim), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((n, 8), jnp.int32),
+            jax.ShapeDtypeStruct((n, pages), jnp.int32))
+    fn = jax.jit(lambda *a: mosaic_prefill.prefill_call(
+        *a, scale=head_dim ** -0.5, soft_cap=soft_cap, sliding_window=sliding_window, plan=plan,
+        interpret=False))
+    text = export.export(fn, platforms=["cuda"])(*args).mlir_module()
+    assert "mosaic_gpu" in text
