@@ -72,6 +72,7 @@ MAX_HEAD_DIM = 256       # a TMA box dimension and the P V wgmma's N are at most
 # Register split of a 3-warpgroup CTA (FA3's): 2 x 128 x 232 + 128 x 40 <= 64 Ki registers.
 _COMPUTE_REGISTERS = 232
 _PRODUCER_REGISTERS = 40
+_MOSAIC_EXTRA_SMEM = 2048 + 256
 
 
 def unsupported_reason(*, dtype, head_dim: int, page_size: int, block_keys: int) -> str | None:
@@ -92,10 +93,11 @@ def unsupported_reason(*, dtype, head_dim: int, page_size: int, block_keys: int)
 def smem_bytes(*, head_dim: int, block_k: int, num_stages: int, itemsize: int,
                table_entries: int, compute_wgs: int) -> int:
     """Shared memory one CTA asks for: the K and V rings, a query/output tile per compute
-    warpgroup, the item's block table (barriers: a few dozen bytes, in the slack)."""
+    warpgroup, the item's block table, and an allowance for what Mosaic GPU adds (its default
+    2 KiB reduction scratch, the barriers)."""
     ring = 2 * num_stages * block_k * head_dim * itemsize
     q_tiles = compute_wgs * WGMMA_ROWS * head_dim * itemsize
-    return ring + q_tiles + 4 * table_entries
+    return ring + q_tiles + 4 * table_entries + _MOSAIC_EXTRA_SMEM
 
 
 @dataclasses.dataclass(frozen=True)

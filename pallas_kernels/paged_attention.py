@@ -21,12 +21,13 @@ see the first one's key, which is written during the kernel, not before it.
 
 Which lowering runs: the Triton-lowered Pallas kernels in ``triton_attention.py`` by default, on
 every CUDA GPU including Hopper (and in interpret mode on the CPU, ``interpret=True``, which the
-tests use). ``kernel="mosaic"`` selects the Mosaic GPU (Hopper, sm_90) decode kernel in
-``mosaic_attention.py`` (TMA page copies into a multi-stage SMEM ring; ``interpret=True`` runs it
-in Mosaic GPU's interpreter). It covers decode only: prefill batches, and decode shapes it does not
-support (fp32, head_dim not a multiple of 64, more than 64 query heads per kv head, page sizes not
-a multiple of 8, or no ring that fits shared memory), run the Triton kernels. The default stays
-Triton until ``benchmarks/kernels.py`` has measured the Mosaic kernel on H100/H200.
+tests use). ``kernel="mosaic"`` selects the Mosaic GPU (Hopper, sm_90) kernels (TMA page copies
+into a multi-stage SMEM ring, wgmma; ``interpret=True`` runs them in Mosaic GPU's interpreter):
+decode in ``mosaic_attention.py``, prefill/mixed batches in ``mosaic_prefill.py``. Shapes they do
+not support (fp32, head_dim not a multiple of 64, more than 64 query heads per kv head for decode,
+page sizes not a multiple of 8, or no ring that fits shared memory) run the Triton kernels, with a
+one-time log line. The default stays Triton until ``benchmarks/kernels.py`` has measured the
+Mosaic kernels on H100/H200.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import mosaic_attention, triton_attention
+from pallas_kernels import mosaic_attention, mosaic_prefill, triton_attention
 from pallas_kernels.reference import attend_after_write
 
 logger = logging.getLogger("jaxllm.pallas_kernels")
@@ -121,6 +122,26 @@ _MOSAIC_DECODE_TUNING = {
 }
 _INTERPRET_MOSAIC_DECODE = MosaicDecodeTuning(block_keys=64, num_stages=2, target_programs=1,
                                               min_pages_per_split=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicPrefillTuning:
+    block_keys: int           # keys per K/V block (a multiple of 64, at most 256)
+    num_stages: int           # K/V blocks in flight in the SMEM ring
+    compute_wgs: int          # 2: two compute warpgroups (128 query rows) fed by a producer
+                              # warpgroup (FA3); 1: one warpgroup (64 rows) issuing its own copies
+
+
+# UNTUNED until measured on a GPU: FA3's H100 configuration in JAX's attention_mgpu (2 x 64 query
+# rows, 128-key blocks, 2 stages: ~165 KB of shared memory at d128 bf16, one CTA an SM). The
+# alternative to sweep: one warpgroup (block_q=64) with 64-key blocks (pages_per_block=64 //
+# page_size) in 2 stages (~83 KB: two CTAs an SM) or 3 (~115 KB: two may not fit in 228 KB).
+_MOSAIC_PREFILL_TUNING = {
+    "default": MosaicPrefillTuning(block_keys=128, num_stages=2, compute_wgs=2),
+}
+# One warpgroup runs as one interpreter thread, inline; several warpgroups cost a compile per
+# grid point and thread on the CPU (seconds each), so the interpreter default is one.
+_INTERPRET_MOSAIC_PREFILL = MosaicPrefillTuning(block_keys=64, num_stages=2, compute_wgs=1)
 # Hopper gives a CTA at most 227 KiB of shared memory; the ring shrinks until the CTA fits.
 _MOSAIC_SMEM_LIMIT = 227 * 1024
 KERNELS = ("triton", "mosaic")
@@ -270,10 +291,11 @@ def _decode(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_wind
 
 
 @functools.lru_cache(maxsize=None)
-def _log_mosaic_fallback(reason: str) -> None:
-    """Once per reason (this runs while tracing, i.e. once per compiled shape anyway)."""
-    logger.warning("kernel='mosaic': the Mosaic GPU decode kernel cannot run this shape (%s); "
-                   "the Triton decode kernel runs it instead", reason)
+def _log_mosaic_fallback(reason: str, phase: str = "decode") -> None:
+    """Once per (reason, phase) (this runs while tracing, i.e. once per compiled shape anyway);
+    ``phase`` is "decode" or "prefill"."""
+    logger.warning("kernel='mosaic': the Mosaic GPU %s kernel cannot run this shape (%s); "
+                   "the Triton %s kernel runs it instead", phase, reason, phase)
 
 
 def _mosaic_plan(q, k_cache, md, tuning, pages_per_block, num_splits):
@@ -367,6 +389,26 @@ def _prefill_items(md, num_tokens, block_q, sliding_window):
     return items.astype(jnp.int32), seq
 
 
+def _mosaic_prefill_plan(q, k_cache, md, tuning):
+    """The Mosaic prefill kernel's plan for this shape, or why it cannot run it."""
+    if q.dtype != k_cache.dtype:
+        return f"q dtype {q.dtype} differs from the cache's {k_cache.dtype}"
+    return mosaic_prefill.make_plan(
+        dtype=k_cache.dtype, head_dim=q.shape[2], page_size=k_cache.shape[3],
+        max_pages=md.block_tables.shape[1], block_keys=tuning.block_keys,
+        num_stages=tuning.num_stages, compute_wgs=tuning.compute_wgs,
+        smem_limit=_MOSAIC_SMEM_LIMIT)
+
+
+def _prefill_mosaic(q, k_cache, v_cache, layer_arr, md, plan, *, scale, soft_cap,
+                    sliding_window, interpret):
+    # Items without the window: the kernel applies it from each item's first position.
+    items, seq = _prefill_items(md, q.shape[0], plan.block_q, None)
+    return mosaic_prefill.prefill_call(
+        q, k_cache, v_cache, layer_arr, items, md.block_tables[seq], scale=scale,
+        soft_cap=soft_cap, sliding_window=sliding_window, plan=plan, interpret=interpret)
+
+
 def _prefill(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_window, tuning,
              block_q, interpret):
     t, h, d = q.shape
@@ -409,10 +451,11 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
     one query token per sequence, as ``max_query_len=1`` promises; every other path scatters first.
 
     Static keywords: ``max_query_len`` (1 = decode-only batch -> decode kernel), ``interpret``
-    (CPU interpret mode, for tests), ``kernel`` (``"triton"`` or ``"mosaic"``: the decode kernel's
+    (CPU interpret mode, for tests), ``kernel`` (``"triton"`` or ``"mosaic"``: the kernels'
     lowering, see the module docstring), and tuning overrides (``pages_per_block``,
-    ``num_splits`` for decode, ``block_q`` for prefill, ``num_warps``, ``num_stages``, which for
-    the Mosaic kernel is the depth of its K/V ring); ``None`` takes the per-GPU table here.
+    ``num_splits`` for decode, ``block_q`` for prefill (Mosaic: 64 = one compute warpgroup, 128 =
+    two), ``num_warps``, ``num_stages``, which for the Mosaic kernels is the depth of their K/V
+    ring); ``None`` takes the per-GPU table here.
     """
     _validate(q, k_cache, v_cache, layer, md, soft_cap, sliding_window, max_query_len)
     if new_kv is not None:
@@ -430,6 +473,9 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
                 f"kernel='mosaic' needs pages_per_block * page_size to be a multiple of "
                 f"{mosaic_attention.BLOCK_KEYS_MULTIPLE} and at most "
                 f"{mosaic_attention.MAX_BLOCK_KEYS}, got {pages_per_block} x {k_cache.shape[3]}")
+        if block_q is not None and max_query_len != 1 and block_q not in (64, 128):
+            raise ValueError(f"block_q must be 64 or 128 for kernel='mosaic' (one or two compute "
+                             f"warpgroups of 64 query rows), got {block_q}")
     for name, val in (("pages_per_block", pages_per_block), ("block_q", block_q)):
         if val is not None and not _is_pow2(val):
             raise ValueError(f"{name} must be a power of two, got {val}")
@@ -464,6 +510,18 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
         return _decode(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,
                        sliding_window=sliding_window, tuning=tuning, num_splits=num_splits,
                        interpret=interpret, new_kv=new_kv)
+    if kernel == "mosaic":
+        tuning = _INTERPRET_MOSAIC_PREFILL if interpret else _lookup(_MOSAIC_PREFILL_TUNING, kind)
+        tuning = _override(tuning, num_stages=num_stages,
+                           block_keys=pages_per_block and pages_per_block * k_cache.shape[3],
+                           compute_wgs=block_q and block_q // 64)
+        plan = _mosaic_prefill_plan(q, k_cache, md, tuning)
+        if not isinstance(plan, str):
+            return _prefill_mosaic(q, k_cache, v_cache, layer_arr, md, plan, scale=scale,
+                                   soft_cap=soft_cap, sliding_window=sliding_window,
+                                   interpret=interpret)
+        _log_mosaic_fallback(plan, "prefill")
+        block_q = None                    # the Triton kernel's own block size
     tuning = _INTERPRET_PREFILL if interpret else _lookup(_PREFILL_TUNING, kind)
     tuning = _override(tuning, pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages)
     return _prefill(q, k_cache, v_cache, layer_arr, md, scale=scale, soft_cap=soft_cap,

@@ -12,8 +12,8 @@ from typing import Optional
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")
 SCHEDULING_POLICIES = ("fcfs", "priority")
-# "pallas-mosaic": decode steps on the Mosaic GPU (Hopper) decode kernel, everything else on the
-# Triton-lowered Pallas kernels ("pallas"); shapes the Mosaic kernel does not take fall back too.
+# "pallas-mosaic": attention on the Mosaic GPU (Hopper) decode and prefill kernels; shapes they do
+# not take fall back to the Triton-lowered Pallas kernels ("pallas").
 ATTENTION_BACKENDS = ("pallas", "pallas-mosaic", "xla")
 
 

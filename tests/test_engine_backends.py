@@ -39,19 +39,22 @@ def test_pallas_backend_matches_xla(model_dir):
 
 
 def test_pallas_mosaic_backend_matches_pallas_in_bf16(model_dir, monkeypatch):
-    """attention_backend="pallas-mosaic": decode steps on the Mosaic GPU kernel (interpreted on the
-    CPU), prefill on the Triton one; bf16 (the Mosaic kernel takes no fp32) greedy tokens equal the
-    Triton-only backend's, and the Mosaic kernel really is in the decode executables."""
-    from pallas_kernels import mosaic_attention
+    """attention_backend="pallas-mosaic": decode and prefill steps on the Mosaic GPU kernels
+    (interpreted on the CPU); bf16 (they take no fp32) greedy tokens equal the Triton-only
+    backend's, and both Mosaic kernels really are in the executables."""
+    from pallas_kernels import mosaic_attention, mosaic_prefill
 
     traced = []
     real = mosaic_attention.decode_call
     monkeypatch.setattr(mosaic_attention, "decode_call", lambda *a, **k: traced.append(1) or real(*a, **k))
+    real_prefill = mosaic_prefill.prefill_call
+    monkeypatch.setattr(mosaic_prefill, "prefill_call",
+                        lambda *a, **k: traced.append(2) or real_prefill(*a, **k))
     rng = np.random.RandomState(1)
     prompts = [rng.randint(0, 256, size=n).tolist() for n in (1, 17, 33)]
     bf16 = {**ENGINE, "dtype": "bfloat16", "token_buckets": [32], "seq_buckets": [4]}
     triton = _greedy(LLM(model_dir, attention_backend="pallas", **bf16), prompts)
     assert not traced
     mosaic_llm = LLM(model_dir, attention_backend="pallas-mosaic", **bf16)
-    assert traced and mosaic_llm.engine.runner.decode_buckets
+    assert 1 in traced and 2 in traced and mosaic_llm.engine.runner.decode_buckets
     assert _greedy(mosaic_llm, prompts) == triton
