@@ -1,24 +1,27 @@
-"""Mosaic GPU (Hopper) ragged paged PREFILL attention: warp-specialised TMA ring + wgmma.
+"""Mosaic GPU (Hopper) ragged paged PREFILL attention: TMA page ring + wgmma, FA3-style.
 
 Layers 1 and 2 of DESIGN.md rule 7 (kernel body and ``plgpu.kernel`` wrapper) plus the shape
-planning the dispatcher needs (``unsupported_reason``, ``smem_bytes``, ``make_plan``); the public entry,
-tuning table and fallback to Triton are in ``paged_attention.py`` (``kernel="mosaic"`` on a
+planning the dispatcher needs (``unsupported_reason``, ``smem_bytes``, ``make_plan``); the public
+entry, tuning table and fallback to Triton are in ``paged_attention.py`` (``kernel="mosaic"`` on a
 non-decode call). ``prefill_call`` has the contract of ``paged_attention._prefill``: q [T, H, D],
 whole caches [L, Hkv, P, page, D] with a traced layer, and the work items of
 ``paged_attention._prefill_items`` (``block_q`` tokens of ONE sequence each).
 
 Why: the Triton-lowered prefill kernel reaches 16-40% of the dense bf16 matmul rate on an H200
-(2k-8k causal chunks); its K/V pages come in by pointer loads with little pipelining. Here, as in
-FlashAttention-3, a CTA holds ``compute_wgs`` (1 or 2) compute warpgroups plus one producer
-warpgroup:
+(2k-8k causal chunks); its K/V pages come in by pointer loads with little pipelining. Here a CTA
+owns one (item, q head) and ``compute_wgs`` compute warpgroups; warpgroup w owns the item's tokens
+[q_lo + 64 w, +64) of that head, its 64 wgmma rows (one TMA box: a strided [64, D] copy of
+q [T, H, D]). K/V blocks (whole pages gathered through the block table, one TMA per page) stream
+through a ``num_stages``-deep SMEM ring. Two variants (``plan.compute_wgs``):
 
-    CTA = (item, q head); compute warpgroup w owns the item's tokens [q_lo + 64 w, +64) of that
-    head, 64 wgmma rows (one TMA box: a strided [64, D] copy of q [T, H, D]).
-    producer:  table -> SMEM; issue K/V blocks 0..S-1 into ring slots 0..S-1 (one TMA per page);
-               then for each later block i: wait until every compute warpgroup freed slot
-               i % S (k_free/v_free barriers), refill it with block i.
-    compute:   for each block: wait K -> S = Q K^T (wgmma) -> free K -> mask (only where
-               needed) + online softmax -> wait V -> O += P V (wgmma) -> free V.
+    2 (the GPU default, FlashAttention-3's split): two compute warpgroups and a producer one.
+      producer:  table -> SMEM; issue blocks 0..S-1 into slots 0..S-1; then for each later
+                 block i: wait until every compute warpgroup freed slot i % S (k_free/v_free
+                 barriers, one arrival per compute warpgroup), refill it with block i.
+      compute:   for each block: wait K -> S = Q K^T (wgmma) -> free K -> mask (only where
+                 needed) + online softmax -> wait V -> O += P V (wgmma) -> free V.
+    1: one warpgroup issues its own copies, as the decode kernel does: it refills a slot with
+       block i + S as soon as its wgmma has read block i there (no free barriers).
 
 Two compute warpgroups share one K/V stream, so K/V SMEM traffic per query row halves; the producer
 keeps ``num_stages`` blocks in flight while the tensor cores work. Each warpgroup's block range is
@@ -29,28 +32,39 @@ interpreter).
 
 Rows: a warpgroup's 64 rows are consecutive tokens of one sequence, so row r has position
 ``p0 + r`` (p0 = the first row's position): the positions of a sequence's query tokens in a step
-are consecutive (the scheduler's invariant, which ``_prefill_items`` relies on as well), and the
-kernel needs no per-row positions. Key k is visible to row r when ``k <= p0 + r`` (and
-``k > p0 + r - window``). Blocks wholly visible to every real row of the warpgroup skip the mask
-(the fast path, most of a long chunk); at most the window's leading blocks and the causal
-diagonal's trailing blocks are masked. Masked logits get a large finite negative (never
-``inf - inf``): a real row always sees its own key in its last block.
+are consecutive (the scheduler's invariant; ``_prefill_items`` relies on them being increasing),
+so the kernel needs no per-row positions. The window is applied here, not by ``_prefill_items``
+(called without it, so an item keeps its first position in ``kv_full``). Key k is visible to row
+r when ``k <= p0 + r`` (and ``k > p0 + r - window``). Blocks wholly visible to every real row of
+the warpgroup skip the mask (the fast path, most of a long chunk); at most the window's leading
+blocks and the causal diagonal's trailing blocks are masked. Masked logits get a large finite
+negative (never ``inf - inf``): a real row always sees its own key in its last block.
 
 Items and output: items are sorted longest-first (their key range) so the long causal items do not
 form the tail; the grid is flat (item x head, heads fastest) so the CTAs of one item, which read
-the same K/V pages, run together. TMA stores cannot be masked per row and items of neighbouring
-sequences overlap in the flat token range, so each warpgroup writes its 64-row tile to a padded
-output [N_items * block_q, H, D]; the wrapper gathers the real rows back (one XLA gather). q is
-padded with ``block_q`` zero rows so a box never runs past the array.
+the same K/V pages, run together. TMA stores cannot be masked per row, and a 64-row tile of a
+sequence's last item would spill into the next sequence's tokens. A tile padded out per item
+([N_items * block_q, H, D], N_items = T / block_q + sequences) would cost ~285 MB for a 2048-token,
+256-sequence mixed bucket at 32 heads x d128, so instead each warpgroup stores its whole 8-row
+chunks of real rows straight into out [T, H, D] (TMA boxes of 8 rows: the SMEM tile's row group)
+and only the chunk holding its last ``num_rows % 8`` rows into its own 8 rows of a tail buffer
+[N_items * compute_wgs * 8, H, D]; the wrapper picks those rows back (one gather + select). q is
+padded with ``block_q`` zero rows so a q box never runs past the array.
 
-Interpret mode (``interpret=True``, the CPU tests): Mosaic GPU's interpreter runs the warpgroups
-as concurrent threads and simulates SMEM, TMA copies and every barrier, which it checks (a thread
-that skips a phase, a barrier completing again before anyone saw the last completion, races with
-``detect_races``). As in ``mosaic_attention.py``, two substitutions, both no-ops for the values:
-the matmuls run as jnp.dot on the same SMEM tiles (the 0.10.2 interpreter cannot run wgmma with a
-transposed B or an A in registers), and ``layout_cast`` is skipped. The GPU's ``pl.run_state``
-accumulation of P V into the running O (FA3's in-place accumulator) is thus exercised only by the
-CUDA lowering test, not by the interpreter.
+Interpret mode (``interpret=True``, the CPU tests): Mosaic GPU's interpreter runs the warpgroups as
+concurrent threads and simulates SMEM, TMA copies and every barrier, which it checks (a thread that
+skips a phase, a barrier completing again before anyone saw the last completion, races with
+``detect_races``). With several warpgroups (variant 2) it compiles each thread's program afresh for
+every grid point (~3 s each on the CPU), so the interpreter default is variant 1 (one inline
+thread) and variant 2 gets one small test. As in ``mosaic_attention.py``, two substitutions, both
+no-ops for the values: the matmuls run as jnp.dot on the same SMEM tiles (the 0.10.2 interpreter
+cannot run wgmma with a transposed B or an A in registers), and ``layout_cast`` is skipped. The
+GPU's ``pl.run_state`` accumulation of P V into the running O (FA3's in-place accumulator) is thus
+exercised only by the CUDA lowering test, not by the interpreter.
+
+Not done (levers once measured): FA3's schedule barrier that alternates the two compute
+warpgroups' softmax and wgmma phases, waiting for the next K inside the P V wgmma, and a
+persistent grid.
 """
 
 from __future__ import annotations
@@ -114,7 +128,7 @@ class PrefillPlan:
 
 
 def make_plan(*, dtype, head_dim: int, page_size: int, max_pages: int, block_keys: int,
-         num_stages: int, compute_wgs: int, smem_limit: int) -> PrefillPlan | str:
+              num_stages: int, compute_wgs: int, smem_limit: int) -> PrefillPlan | str:
     """The kernel's configuration for a shape, or the reason it cannot run it. The ring shrinks
     (fewer stages down to 2, then 64-key blocks) until a CTA fits ``smem_limit``."""
     block_keys = max(block_keys, page_size)      # a block holds whole pages
@@ -150,9 +164,9 @@ def make_plan(*, dtype, head_dim: int, page_size: int, max_pages: int, block_key
     return p
 
 
-def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *scratch, scale,
-                  soft_cap, sliding_window, page_size, pages_per_block, num_pages, num_kv_heads,
-                  num_heads, num_stages, compute_wgs, interpret):
+def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, tail_ref,
+                  *scratch, scale, soft_cap, sliding_window, page_size, pages_per_block,
+                  num_pages, num_kv_heads, num_heads, num_stages, compute_wgs, interpret):
     specialised = compute_wgs > 1                # a producer warpgroup feeds the ring
     if specialised:
         q_smem, k_smem, v_smem, table_smem, q_bar, k_bar, v_bar, table_bar, k_free, v_free = scratch
@@ -164,7 +178,6 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
     wg = lax.axis_index("wg")                    # 0..compute_wgs-1 compute, compute_wgs producer
     head_dim = q_ref.shape[-1]
     block_k = pages_per_block * page_size
-    block_q = compute_wgs * WGMMA_ROWS
     dtype = q_ref.dtype
     # Register layouts fix how loop carries and constants live in the warpgroup's registers; the
     # interpreter has no rule for ``layout_cast`` (a no-op on values), so skip it there.
@@ -183,11 +196,13 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
     first_block = kv_lo // block_k               # blocks are aligned to block_k keys (whole pages)
     num_blocks = jnp.where(q_hi > q_lo, (kv_hi + block_k - 1) // block_k - first_block, 0)
 
+    # Page p of this layer and kv head is row page_base + p of the flattened caches.
+    page_base = (layer_ref[0] * num_kv_heads + head // (num_heads // num_kv_heads)) * num_pages
+    table_cols = table_smem.shape[1]
+
     def issue(cache_ref, ring, barriers, i, slot):
         """Block i of the item's stream into ring slot ``slot``: one TMA per page, all on the
         slot's barrier (which expects ``pages_per_block`` arrivals)."""
-        page_base = (layer_ref[0] * num_kv_heads + head // (num_heads // num_kv_heads)) * num_pages
-        table_cols = table_smem.shape[1]
         for j in range(pages_per_block):
             entry = (first_block + i) * pages_per_block + j
             page_id = table_smem[entry // table_cols, entry % table_cols]
@@ -341,8 +356,21 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
             out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
             q_tile[...] = out.astype(dtype)       # every wgmma reading q_tile has completed
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                q_tile, o_ref.at[pl.ds(item * block_q + wg * WGMMA_ROWS, WGMMA_ROWS), head])
+            # Whole 8-row chunks of real rows go straight to their tokens' rows; the chunk
+            # holding the last (num_rows % 8) real rows would spill into the next sequence's
+            # tokens, so it goes to this warpgroup's 8 rows of the tail buffer.
+            for j in range(WGMMA_ROWS // _TILE_ROWS):
+                lo = j * _TILE_ROWS
+                chunk = q_tile.at[pl.ds(lo, _TILE_ROWS)]
+
+                @pl.when(lo + _TILE_ROWS <= num_rows)
+                def _whole():
+                    plgpu.copy_smem_to_gmem(chunk, o_ref.at[pl.ds(rows_lo + lo, _TILE_ROWS), head])
+
+                @pl.when((lo < num_rows) & (num_rows < lo + _TILE_ROWS))
+                def _partial():
+                    tail = (item * compute_wgs + wg) * _TILE_ROWS
+                    plgpu.copy_smem_to_gmem(chunk, tail_ref.at[pl.ds(tail, _TILE_ROWS), head])
             plgpu.wait_smem_to_gmem(0)
 
     if specialised:
@@ -409,9 +437,10 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
         page_size=page_size, pages_per_block=ppb, num_pages=num_pages, num_kv_heads=hkv,
         num_heads=h, num_stages=stages, compute_wgs=plan.compute_wgs, interpret=interpreting)
     body.__name__ = "jaxllm_ragged_prefill_mosaic"   # the kernel's name in profiles
-    out = plgpu.kernel(
+    out, tail = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((n * block_q, h, d), q.dtype),
+        out_type=(jax.ShapeDtypeStruct((t, h, d), q.dtype),
+                  jax.ShapeDtypeStruct((n * plan.compute_wgs * _TILE_ROWS, h, d), q.dtype)),
         scratch_types=scratch,
         grid=(n * h,),
         grid_names=("work",),
@@ -421,11 +450,17 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
         interpret=(interpret_params() if interpret is True else interpret or None),
     )(layer_arr, items[order], tables, q_padded, k_cache.reshape(flat), v_cache.reshape(flat))
 
-    # Token t -> its item (valid items tile [0, query_start_loc[-1]) in order, so the first item
-    # ending after t), its row in the item, and the item's place in the sorted order.
+    # The rows of a warpgroup's last partial 8-row chunk are in the tail buffer. Token t -> its
+    # item (valid items tile [0, query_start_loc[-1]) in order: the first item ending after t),
+    # its warpgroup and row there, and the item's place in the sorted order.
     ends = jnp.where(valid, items[:, 1], jnp.iinfo(jnp.int32).max)
     tok = jnp.arange(t, dtype=jnp.int32)
     owner = jnp.minimum(jnp.searchsorted(ends, tok, side="right"), n - 1)
     row = jnp.clip(tok - items[owner, 0], 0, block_q - 1)
+    wg, row = row // WGMMA_ROWS, row % WGMMA_ROWS
+    wg_rows = jnp.clip(items[owner, 1] - items[owner, 0] - wg * WGMMA_ROWS, 0, WGMMA_ROWS)
+    whole = wg_rows // _TILE_ROWS * _TILE_ROWS
     sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    return out[sorted_pos[owner] * block_q + row]
+    tail_row = (sorted_pos[owner] * plan.compute_wgs + wg) * _TILE_ROWS + jnp.clip(
+        row - whole, 0, _TILE_ROWS - 1)
+    return jnp.where((row >= whole)[:, None, None], tail[tail_row], out)

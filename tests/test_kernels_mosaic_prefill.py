@@ -3,10 +3,10 @@
 ``paged_attention(..., kernel="mosaic", interpret=True)`` on a prefill/mixed batch runs the kernel
 of ``pallas_kernels/mosaic_prefill.py`` in Mosaic GPU's CPU interpreter (SMEM, TMA page copies,
 ring barriers and the output tiles simulated; the two matmuls as jnp.dot on the same SMEM tiles).
-Every output buffer and SMEM scratch starts as NaN, and cache slots no valid key occupies hold large
-random values (pallas_kernels/testing.py), so an unwritten row, a wrong gather of the padded
-output, or a masked key that leaks into the softmax (e.g. a block wrongly taking the unmasked fast
-path) fails the comparison.
+Every output buffer and SMEM scratch starts as NaN, and cache slots no valid key occupies hold
+large random values (pallas_kernels/testing.py), so an unwritten row, a wrong pick of a
+warpgroup's partial last 8 rows from the tail buffer, or a masked key that leaks into the softmax
+(e.g. a block wrongly taking the unmasked fast path) fails the per-token comparison.
 
 The interpreter default is one compute warpgroup (64 query rows, inline: fast on the CPU); the
 GPU default, two compute warpgroups fed by a producer warpgroup, runs as three interpreter threads
