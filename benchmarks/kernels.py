@@ -478,9 +478,16 @@ def bench_prefill(chunk, mm_rate, budget, tune, interpret=False, profile=False):
         except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
             row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
 
-    variants = dict(PREFILL_VARIANTS if tune else {"pallas_triton": {}})
+    variants = dict(PREFILL_VARIANTS if "triton" in tune else {"pallas_triton": {}})
     if not interpret:
         variants["pallas_mosaic"] = dict(kernel="mosaic")
+    if "mosaic" in tune and not interpret:
+        # block_q 128 = two compute warpgroups fed by a producer warpgroup, 64 = one; 64- or
+        # 128-key blocks; 2-3 stages (plans that do not fit shared memory shrink the ring).
+        for bq, ppb, ns in ((128, 8, 2), (128, 4, 2), (128, 4, 3), (64, 8, 2), (64, 4, 2),
+                            (64, 4, 3)):
+            variants[f"mosaic_bq{bq}_ppb{ppb}_s{ns}"] = dict(kernel="mosaic", block_q=bq,
+                                                             pages_per_block=ppb, num_stages=ns)
     for name, kw in variants.items():
         f = functools.partial(paged_attention, scale=D ** -0.5, interpret=interpret, **kw)
         run(name, lambda q, k, v, md, f=f: f(q, k, v, jnp.int32(0), md), (k, v, md))
@@ -526,8 +533,8 @@ def main(argv=None):
     ap.add_argument("--plot")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
     ap.add_argument("--tune", nargs="?", const="triton,mosaic", default="",
-                    help="sweep block sizes too: 'triton', 'mosaic' or both (the default); "
-                         "prefill sweeps are Triton's")
+                    help="sweep block sizes too: 'triton', 'mosaic' or both (the default), "
+                         "for decode and prefill")
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill chunks")
     ap.add_argument("--profile", action="store_true",
                     help="also trace our main decode and prefill variants: device time per kernel and "
@@ -576,7 +583,7 @@ def main(argv=None):
     chunks = (64,) if args.interpret else (2048, 4096, 8192)
     for chunk in () if args.decode_only else chunks:
         row = bench_prefill(chunk, report["matmul_flops"], args.budget_s,
-                            "triton" in args.tune.split(","),
+                            set(args.tune.split(",")) - {""},
                             interpret=args.interpret, profile=args.profile)
         if row:
             report["prefill"].append(row)
