@@ -133,9 +133,9 @@ class MosaicPrefillTuning:
 
 
 # UNTUNED until measured on a GPU: FA3's H100 configuration in JAX's attention_mgpu (2 x 64 query
-# rows, 128-key blocks, 2 stages: ~165 KB of shared memory at d128 bf16, one CTA an SM). The
+# rows, 128-key blocks, 2 stages: ~163 KiB of shared memory at d128 bf16, one CTA an SM). The
 # alternative to sweep: one warpgroup (block_q=64) with 64-key blocks (pages_per_block=64 //
-# page_size) in 2 stages (~83 KB: two CTAs an SM) or 3 (~115 KB: two may not fit in 228 KB).
+# page_size) in 2 stages (~83 KiB: two CTAs an SM) or 3 (~115 KiB: two may not fit in 228 KiB).
 _MOSAIC_PREFILL_TUNING = {
     "default": MosaicPrefillTuning(block_keys=128, num_stages=2, compute_wgs=2),
 }
