@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model_zoo.attention import AttentionMetadata, paged_attention_xla, write_kv
-from pallas_kernels import mosaic_attention
+from pallas_kernels import mosaic_attention, mosaic_prefill
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.reference import paged_attention_reference
 from pallas_kernels.testing import make_batch
@@ -180,12 +180,17 @@ def correctness(results, interpret=False):
             n = len(b.positions) - n_pad
             impls = {"pallas_triton": functools.partial(paged_attention, max_query_len=mql,
                                                         interpret=interpret)}
-            # The Mosaic kernel is decode-only; where it does not support a shape the dispatcher
-            # runs Triton, which must not be reported under its name.
-            if not interpret and mql == 1 and mosaic_attention.unsupported_reason(
+            # Where the Mosaic kernels do not support a shape the dispatcher runs Triton, which
+            # must not be reported under their name.
+            if mql == 1:
+                why = mosaic_attention.unsupported_reason(
                     dtype=dtype, head_dim=d, group=g, page_size=page,
-                    pages_per_block=max(1, 64 // page)) is None:
-                impls["pallas_mosaic"] = functools.partial(paged_attention, max_query_len=1,
+                    pages_per_block=max(1, 64 // page))
+            else:
+                why = mosaic_prefill.unsupported_reason(dtype=dtype, head_dim=d, page_size=page,
+                                                        block_keys=128)
+            if not interpret and why is None:
+                impls["pallas_mosaic"] = functools.partial(paged_attention, max_query_len=mql,
                                                            kernel="mosaic")
             for impl, fn in impls.items():
                 try:

@@ -176,7 +176,7 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
     item = work // num_heads                     # items are sorted longest-first
     head = work % num_heads
     wg = lax.axis_index("wg")                    # 0..compute_wgs-1 compute, compute_wgs producer
-    head_dim = q_ref.shape[-1]
+    head_dim = k_ref.shape[-1]            # q_ref is [T + block_q, H * D]
     block_k = pages_per_block * page_size
     dtype = q_ref.dtype
     # Register layouts fix how loop carries and constants live in the warpgroup's registers; the
@@ -257,7 +257,8 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
         num_rows = jnp.clip(q_hi - rows_lo, 0, WGMMA_ROWS)   # real rows of this warpgroup
         p0 = first_pos + wg * WGMMA_ROWS                      # position of row 0
         q_tile = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(rows_lo, WGMMA_ROWS), head], q_tile, q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(rows_lo, WGMMA_ROWS), pl.ds(head * head_dim, head_dim)],
+                                q_tile, q_bar.at[wg])
         if not specialised:
             start_stream()
         plgpu.barrier_wait(q_bar.at[wg])
@@ -365,12 +366,14 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
 
                 @pl.when(lo + _TILE_ROWS <= num_rows)
                 def _whole():
-                    plgpu.copy_smem_to_gmem(chunk, o_ref.at[pl.ds(rows_lo + lo, _TILE_ROWS), head])
+                    plgpu.copy_smem_to_gmem(
+                        chunk, o_ref.at[pl.ds(rows_lo + lo, _TILE_ROWS), pl.ds(head * head_dim, head_dim)])
 
                 @pl.when((lo < num_rows) & (num_rows < lo + _TILE_ROWS))
                 def _partial():
                     tail = (item * compute_wgs + wg) * _TILE_ROWS
-                    plgpu.copy_smem_to_gmem(chunk, tail_ref.at[pl.ds(tail, _TILE_ROWS), head])
+                    plgpu.copy_smem_to_gmem(
+                        chunk, tail_ref.at[pl.ds(tail, _TILE_ROWS), pl.ds(head * head_dim, head_dim)])
             plgpu.wait_smem_to_gmem(0)
 
     if specialised:
@@ -412,7 +415,10 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
     order = jnp.argsort(jnp.where(valid, -items[:, 3], 1), stable=True)
     tables = jnp.pad(item_tables.astype(jnp.int32), ((0, 0), (0, rows * cols - max_pages)))
     tables = tables[order].reshape(n, rows, cols)
-    q_padded = jnp.pad(q, ((0, block_q), (0, 0), (0, 0)))      # boxes never run past the end
+    # Boxes never run past the end. Heads are folded into columns ([T, H * D], a bitcast): a box of
+    # one head is then a 2-D [64, D] tile at column head * D. (JAX 0.11.2's Mosaic GPU layout
+    # inference fails an assertion on a TMA box with a squeezed middle dimension, [64, -1, D].)
+    q_padded = jnp.pad(q, ((0, block_q), (0, 0), (0, 0))).reshape(t + block_q, h * d)
     flat = (num_layers * hkv * num_pages, page_size, d)          # a bitcast of the caches
 
     tiled = (plgpu.TilingTransform((_TILE_ROWS, _SWIZZLE // q.dtype.itemsize)),
@@ -439,8 +445,8 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
     body.__name__ = "jaxllm_ragged_prefill_mosaic"   # the kernel's name in profiles
     out, tail = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((t, h, d), q.dtype),
-                  jax.ShapeDtypeStruct((n * plan.compute_wgs * _TILE_ROWS, h, d), q.dtype)),
+        out_type=(jax.ShapeDtypeStruct((t, h * d), q.dtype),
+                  jax.ShapeDtypeStruct((n * plan.compute_wgs * _TILE_ROWS, h * d), q.dtype)),
         scratch_types=scratch,
         grid=(n * h,),
         grid_names=("work",),
@@ -463,4 +469,5 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
     sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
     tail_row = (sorted_pos[owner] * plan.compute_wgs + wg) * _TILE_ROWS + jnp.clip(
         row - whole, 0, _TILE_ROWS - 1)
+    out, tail = out.reshape(t, h, d), tail.reshape(-1, h, d)
     return jnp.where((row >= whole)[:, None, None], tail[tail_row], out)
