@@ -89,6 +89,17 @@ _PRODUCER_REGISTERS = 40
 _MOSAIC_EXTRA_SMEM = 2048 + 256
 
 
+# Why the kernel does not run on a GPU yet (None once it does): measured on an H200 with JAX
+# 0.11.2 (2026-11-22). Mosaic GPU copies a tiled, swizzled SMEM tile by whole (8, 64) tiles, so a
+# TMA box's GMEM row offset must be provably a multiple of 8 ("prove the divisibility of index 0
+# using pl.multiple_of"), and an item's first query row is any token of the flat batch. The fix:
+# items that start at the 8-aligned row below the sequence's first token, with that first chunk's
+# rows stored through the tail buffer like the last one's. Until then the dispatcher runs the
+# Triton prefill kernel on the GPU; interpret mode (the CPU tests) still runs this kernel.
+GPU_UNSUPPORTED = ("query rows at token offsets that are not multiples of 8 (JAX 0.11.2's Mosaic "
+                   "GPU needs 8-row-aligned TMA boxes into tiled shared memory)")
+
+
 def unsupported_reason(*, dtype, head_dim: int, page_size: int, block_keys: int) -> str | None:
     """Why the Mosaic prefill kernel cannot run the given shape (None when it can)."""
     if jnp.dtype(dtype) not in SUPPORTED_DTYPES:

@@ -516,6 +516,8 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
                            block_keys=pages_per_block and pages_per_block * k_cache.shape[3],
                            compute_wgs=block_q and block_q // 64)
         plan = _mosaic_prefill_plan(q, k_cache, md, tuning)
+        if not interpret and mosaic_prefill.GPU_UNSUPPORTED is not None:
+            plan = mosaic_prefill.GPU_UNSUPPORTED
         if not isinstance(plan, str):
             return _prefill_mosaic(q, k_cache, v_cache, layer_arr, md, plan, scale=scale,
                                    soft_cap=soft_cap, sliding_window=sliding_window,

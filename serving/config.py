@@ -13,7 +13,8 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # "pallas-mosaic": attention on the Mosaic GPU (Hopper) decode and prefill kernels; shapes they do
-# not take fall back to the Triton-lowered Pallas kernels ("pallas").
+# not take fall back to the Triton-lowered Pallas kernels ("pallas"), and so does prefill on the
+# GPU until the Mosaic prefill kernel lowers there (mosaic_prefill.GPU_UNSUPPORTED).
 ATTENTION_BACKENDS = ("pallas", "pallas-mosaic", "xla")
 
 
