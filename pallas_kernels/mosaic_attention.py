@@ -125,6 +125,16 @@ def races_detected() -> bool:
     return bool(interpret_pallas_call.get_races().races_found)
 
 
+def register_layouts(interpret: bool):
+    """(to the wgmma accumulator layout, to its row-reduced layout): register layouts fix how
+    loop carries and constants live in a warpgroup's registers. The interpreter has no rule for
+    ``layout_cast`` (a no-op on values), so there both are the identity."""
+    if interpret:
+        return (lambda x: x), (lambda x: x)
+    return (lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA),
+            lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1)))
+
+
 def _decode_body(layer_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, scale, soft_cap,
                  sliding_window, page_size, pages_per_block, pages_per_split, num_pages,
                  num_kv_heads, num_stages, multi, interpret):
@@ -140,12 +150,7 @@ def _decode_body(layer_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, s
     table_cols = table_smem.shape[1]
     block_k = pages_per_block * page_size
     dtype = q_ref.dtype
-    # Register layouts fix how the fori_loop carry and constants live in the warpgroup's
-    # registers; the interpreter has no rule for ``layout_cast`` (a no-op on values), so skip it.
-    wgmma_layout = (lambda x: x) if interpret else (
-        lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA))
-    row_layout = (lambda x: x) if interpret else (
-        lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1)))
+    wgmma_layout, row_layout = register_layouts(interpret)
 
     layer = layer_ref[0]
     kv_len = kv_len_ref[token]                   # keys 0..kv_len-1 are causal-visible

@@ -80,7 +80,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_attention import (
     _LOG2E, _SWIZZLE, _TILE_ROWS, BLOCK_KEYS_MULTIPLE, MASK_VALUE, MAX_BLOCK_KEYS,
-    SUPPORTED_DTYPES, WGMMA_ROWS, interpret_params, table_layout)
+    SUPPORTED_DTYPES, WGMMA_ROWS, interpret_params, register_layouts, table_layout)
 
 MAX_HEAD_DIM = 256       # a TMA box dimension and the P V wgmma's N are at most 256
 # Register split of a 3-warpgroup CTA (FA3's): 2 x 128 x 232 + 128 x 40 <= 64 Ki registers.
@@ -190,12 +190,7 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
     head_dim = k_ref.shape[-1]            # q_ref is [T + block_q, H * D]
     block_k = pages_per_block * page_size
     dtype = q_ref.dtype
-    # Register layouts fix how loop carries and constants live in the warpgroup's registers; the
-    # interpreter has no rule for ``layout_cast`` (a no-op on values), so skip it there.
-    wgmma_layout = (lambda x: x) if interpret else (
-        lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA))
-    row_layout = (lambda x: x) if interpret else (
-        lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1)))
+    wgmma_layout, row_layout = register_layouts(interpret)
 
     # Item row: (q_lo, q_hi, 0, kv_hi, first position + 1, ...) from _prefill_items without a
     # window; an empty item (q_lo == q_hi) streams no blocks and stores nothing.
