@@ -135,6 +135,19 @@ def register_layouts(interpret: bool):
             lambda x: plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1)))
 
 
+def qk_logits(q_tile, k_tile, *, interpret: bool):
+    """S = Q K^T as f32 [64, block_k] from a [64, D] query tile and a [block_k, D] K tile in SMEM:
+    wgmma with B = K^T through ``transpose_ref`` on the GPU; the interpreter (JAX 0.10.2) cannot
+    run a transposed B, so there the same tiles are multiplied with jnp.dot."""
+    if interpret:
+        return jnp.dot(q_tile[...], k_tile[...].T, preferred_element_type=jnp.float32)
+
+    def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
+        return acc_ref[...]                       # waits for the wgmma to finish
+    return pl.run_scoped(qk, plgpu.ACC((WGMMA_ROWS, k_tile.shape[0]), jnp.float32))
+
+
 def _decode_body(layer_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, scale, soft_cap,
                  sliding_window, page_size, pages_per_block, pages_per_split, num_pages,
                  num_kv_heads, num_stages, multi, interpret):
@@ -189,13 +202,7 @@ def _decode_body(layer_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, s
     # supports neither a transposed B nor an A in registers, so there the same SMEM tiles are
     # read and multiplied with jnp.dot; everything else is the GPU code path.
     def qk_matmul(slot):
-        if interpret:
-            return jnp.dot(q_smem[...], k_smem[slot].T, preferred_element_type=jnp.float32)
-
-        def qk(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-            return acc_ref[...]                   # waits for the wgmma to finish
-        return pl.run_scoped(qk, plgpu.ACC((WGMMA_ROWS, block_k), jnp.float32))
+        return qk_logits(q_smem, k_smem.at[slot], interpret=interpret)
 
     def pv_matmul(p, slot):
         if interpret:

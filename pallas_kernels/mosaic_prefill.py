@@ -80,7 +80,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_attention import (
     _LOG2E, _SWIZZLE, _TILE_ROWS, BLOCK_KEYS_MULTIPLE, MASK_VALUE, MAX_BLOCK_KEYS,
-    SUPPORTED_DTYPES, WGMMA_ROWS, interpret_params, register_layouts, table_layout)
+    SUPPORTED_DTYPES, WGMMA_ROWS, interpret_params, qk_logits, register_layouts,
+    table_layout)
 
 MAX_HEAD_DIM = 256       # a TMA box dimension and the P V wgmma's N are at most 256
 # Register split of a 3-warpgroup CTA (FA3's): 2 x 128 x 232 + 128 x 40 <= 64 Ki registers.
@@ -288,13 +289,7 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
         # accumulated in place as in pallas/ops/gpu/attention_mgpu.py); jnp.dot on the same SMEM
         # tiles in the interpreter, which supports neither a transposed B nor an A in registers.
         def qk_matmul(slot):
-            if interpret:
-                return jnp.dot(q_tile[...], k_smem[slot].T, preferred_element_type=jnp.float32)
-
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q_tile, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                return acc_ref[...]               # waits for the wgmma to finish
-            return pl.run_scoped(qk, plgpu.ACC((WGMMA_ROWS, block_k), jnp.float32))
+            return qk_logits(q_tile, k_smem.at[slot], interpret=interpret)
 
         def pv_matmul(acc, p, slot):
             if interpret:
