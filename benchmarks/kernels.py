@@ -525,16 +525,18 @@ def main(argv=None):
                                             if "tb_s" in c else "error"))
         mark = " (L2)" if r.get("l2_resident") else ""
         print(f"| {r['batch']} | {r['context']}{mark} | " + " | ".join(cells) + " |")
-    print("\n| batch | context | layers | triton (us/layer) | triton + XLA scatter | triton+write "
-          "| write saves (us/layer) | cache copies (scatter / write) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| batch | context | layers | " + " | ".join(f"{n} (us/layer)" for n in WRITE_IMPLS)
+          + " | write saves (us/layer) | cache copies (scatter / write) |")
+    print("|---|---|---|" + "---|" * (len(WRITE_IMPLS) + 2))
     for r in report["decode"]:
         w = r.get("write_kv")
         if not w:
             continue
-        us = [w[n]["us"] if "us" in w.get(n, {}) else None for n in WRITE_IMPLS]
-        cells = ["error" if u is None else f"{u:.1f}" for u in us]
-        saved = "-" if None in us[1:] else f"{us[1] - us[2]:.1f}"
+        us = {n: w[n]["us"] if "us" in w.get(n, {}) else None for n in WRITE_IMPLS}
+        cells = ["-" if n not in w else "error" if us[n] is None else f"{us[n]:.1f}"
+                 for n in WRITE_IMPLS]
+        a, b = us["triton+scatter"], us["triton+write"]
+        saved = "-" if None in (a, b) else f"{a - b:.1f}"
         copies = w["cache_copies"]
         print(f"| {r['batch']} | {r['context']} | {w['layers']} | " + " | ".join(cells)
               + f" | {saved} | {copies.get('triton+scatter', '-')} / "

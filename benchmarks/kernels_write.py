@@ -18,7 +18,11 @@ from model_zoo.attention import write_kv
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.reference import paged_attention_reference
 
-WRITE_IMPLS = ("triton", "triton+scatter", "triton+write")   # the write_kv rows
+# The write_kv rows: kernel alone, XLA scatter then kernel, write fused into the kernel; on the GPU
+# also the Mosaic decode kernel after the scatter and kernel="auto" (the engine's "pallas" backend,
+# which picks one of the two by the grid's size): per-layer cost of each way to run a decode layer.
+WRITE_IMPLS = ("triton", "triton+scatter", "triton+write", "mosaic+scatter", "auto+write")
+GPU_ONLY_WRITE_IMPLS = ("mosaic+scatter", "auto+write")   # the Mosaic interpreter is too slow here
 
 
 def rel_err(out, ref):
@@ -68,17 +72,18 @@ def bench_decode_write(sets, io_bytes, copy_bw, *, iters, interpret):
     hkv, d = sets[0][1].shape[1], q.shape[-1]
     new_k, new_v = (jax.random.normal(key, (layers, q.shape[0], hkv, d), q.dtype)
                     for key in jax.random.split(jax.random.key(9)))
-    attn = functools.partial(paged_attention, scale=d ** -0.5, max_query_len=1,
-                             interpret=interpret)
-
     def step(variant, kc, vc, q, md, new_k, new_v):
+        kernel, _, how = variant.partition("+")
+        attn = functools.partial(paged_attention, scale=d ** -0.5, max_query_len=1,
+                                 interpret=interpret, kernel=kernel)
+
         def layer(carry, xs):
             kc, vc = carry
             i, k, v = xs
-            if variant == "triton+write":
+            if how == "write":
                 out, kc, vc = attn(q, kc, vc, i, md, new_kv=(k, v))
             else:
-                if variant == "triton+scatter":
+                if how == "scatter":
                     kc, vc = write_kv(kc, vc, i, k, v, md.slot_mapping)
                 out = attn(q, kc, vc, i, md)
             return (kc, vc), out
@@ -89,6 +94,8 @@ def bench_decode_write(sets, io_bytes, copy_bw, *, iters, interpret):
     result = dict(layers=layers, cache_copies={})
     calls = max(2, iters // layers)
     for variant in WRITE_IMPLS:
+        if interpret and variant in GPU_ONLY_WRITE_IMPLS:
+            continue
         try:
             args = (q, md, new_k, new_v)
             fn = jax.jit(functools.partial(step, variant), donate_argnums=(0, 1)).lower(

@@ -144,7 +144,17 @@ _MOSAIC_PREFILL_TUNING = {
 _INTERPRET_MOSAIC_PREFILL = MosaicPrefillTuning(block_keys=64, num_stages=2, compute_wgs=1)
 # Hopper gives a CTA at most 227 KiB of shared memory; the ring shrinks until the CTA fits.
 _MOSAIC_SMEM_LIMIT = 227 * 1024
-KERNELS = ("triton", "mosaic")
+KERNELS = ("auto", "triton", "mosaic")
+# kernel="auto" (the engine's "pallas" backend) on a Hopper GPU: a decode call whose grid has at
+# least this many (token x kv head) programs runs the Mosaic decode kernel, a smaller one the Triton
+# kernel, whose fused K/V write saves the separate scatter the Mosaic path needs. Prefill and mixed
+# calls run Triton (the Mosaic prefill kernel does not run on the GPU yet). The shard-local wrap
+# (sharding/attention.py) calls the kernel with its own heads, so under TP the count is per device.
+# Measured on the 8B shape, ctx 512, whole engine steps (gpu_itl_variants.sh):
+#   H200, 2026-11-22: 512 programs (batch 64) Mosaic 6.789 vs Triton 7.193 ms a step;
+#                     8 (batch 1) Triton 4.378 vs Mosaic 4.434 ms.
+# Keys absent (every non-Hopper GPU): never Mosaic.
+_AUTO_MOSAIC_DECODE_MIN_PROGRAMS = {"H200": 256, "H100": 256}
 # Small enough for the CPU interpreter: fewer, smaller blocks keep the tests fast.
 _INTERPRET_DECODE = DecodeTuning(pages_per_block=2, target_programs=1, min_pages_per_split=1,
                                  num_warps=4, num_stages=1)
@@ -432,6 +442,16 @@ def _prefill(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_win
     return out[:t, :, :g].reshape(t, h, d)
 
 
+def auto_kernel(device_kind: str, *, decode: bool, num_tokens: int, num_kv_heads: int) -> str:
+    """The kernel ``kernel="auto"`` runs for a call of this shape on this device (see
+    ``_AUTO_MOSAIC_DECODE_MIN_PROGRAMS``); ``"interpret"`` (the CPU tests) is Triton's."""
+    threshold = next((v for k, v in _AUTO_MOSAIC_DECODE_MIN_PROGRAMS.items()
+                      if k.lower() in device_kind.lower()), None)
+    if decode and threshold is not None and num_tokens * num_kv_heads >= threshold:
+        return "mosaic"
+    return "triton"
+
+
 @functools.partial(jax.jit, static_argnames=(
     "scale", "soft_cap", "sliding_window", "max_query_len", "interpret", "kernel",
     "pages_per_block", "num_splits", "block_q", "num_warps", "num_stages"))
@@ -452,7 +472,8 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
 
     Static keywords: ``max_query_len`` (1 = decode-only batch -> decode kernel), ``interpret``
     (CPU interpret mode, for tests), ``kernel`` (``"triton"`` or ``"mosaic"``: the kernels'
-    lowering, see the module docstring), and tuning overrides (``pages_per_block``,
+    lowering, see the module docstring; ``"auto"``, the engine's choice: by shape and GPU, see
+    ``auto_kernel``), and tuning overrides (``pages_per_block``,
     ``num_splits`` for decode, ``block_q`` for prefill (Mosaic: 64 = one compute warpgroup, 128 =
     two), ``num_warps``, ``num_stages``, which for the Mosaic kernels is the depth of their K/V
     ring); ``None`` takes the per-GPU table here.
@@ -462,6 +483,10 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
         _validate_new_kv(new_kv, q, k_cache, md)
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    kind = "interpret" if interpret else _device_kind()
+    if kernel == "auto":
+        kernel = auto_kernel(kind, decode=max_query_len == 1, num_tokens=q.shape[0],
+                             num_kv_heads=k_cache.shape[1])
     if kernel == "mosaic":
         if num_stages is not None and num_stages < 2:
             raise ValueError(f"num_stages must be >= 2 for kernel='mosaic' (a ring of K/V "
@@ -492,7 +517,6 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
             kernel=kernel, pages_per_block=pages_per_block, num_splits=num_splits, block_q=block_q,
             num_warps=num_warps, num_stages=num_stages)
     layer_arr = jnp.asarray(layer, jnp.int32).reshape(1)
-    kind = "interpret" if interpret else _device_kind()
     if decode and kernel == "mosaic":
         tuning = _INTERPRET_MOSAIC_DECODE if interpret else _lookup(_MOSAIC_DECODE_TUNING, kind)
         tuning = _override(tuning, num_stages=num_stages)

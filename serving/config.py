@@ -12,10 +12,12 @@ from typing import Optional
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "orbax", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "half", "float")
 SCHEDULING_POLICIES = ("fcfs", "priority")
-# "pallas-mosaic": attention on the Mosaic GPU (Hopper) decode and prefill kernels; shapes they do
-# not take fall back to the Triton-lowered Pallas kernels ("pallas"), and so does prefill on the
-# GPU until the Mosaic prefill kernel lowers there (mosaic_prefill.GPU_UNSUPPORTED).
-ATTENTION_BACKENDS = ("pallas", "pallas-mosaic", "xla")
+# "pallas": the Pallas kernels, chosen per call shape and GPU (pallas_kernels.paged_attention.
+# auto_kernel: on Hopper, the Mosaic GPU decode kernel for large decode buckets, Triton-lowered
+# kernels elsewhere). "pallas-triton" / "pallas-mosaic" force one lowering; shapes the Mosaic
+# kernels do not take fall back to Triton, and so does prefill on the GPU until the Mosaic prefill
+# kernel lowers there (mosaic_prefill.GPU_UNSUPPORTED).
+ATTENTION_BACKENDS = ("pallas", "pallas-triton", "pallas-mosaic", "xla")
 
 
 def _parse_ladder(spec, name: str) -> Optional[tuple[int, ...]]:

@@ -61,9 +61,9 @@ def _attention_fn(backend: str | None, platform: str):
         return "xla", paged_attention_xla
     from pallas_kernels import paged_attention
 
-    fn = paged_attention
-    if backend == "pallas-mosaic":
-        fn = functools.partial(fn, kernel="mosaic")
+    # "pallas": the kernel per call shape and GPU (paged_attention.auto_kernel); the others force one.
+    kernel = {"pallas": "auto", "pallas-triton": "triton", "pallas-mosaic": "mosaic"}[backend]
+    fn = functools.partial(paged_attention, kernel=kernel)
     if platform == "cpu":
         # No GPU: the same kernels in Pallas' interpreter (slow; for tests and debugging).
         fn = functools.partial(fn, interpret=True)

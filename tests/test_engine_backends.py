@@ -53,8 +53,78 @@ def test_pallas_mosaic_backend_matches_pallas_in_bf16(model_dir, monkeypatch):
     rng = np.random.RandomState(1)
     prompts = [rng.randint(0, 256, size=n).tolist() for n in (1, 17, 33)]
     bf16 = {**ENGINE, "dtype": "bfloat16", "token_buckets": [32], "seq_buckets": [4]}
-    triton = _greedy(LLM(model_dir, attention_backend="pallas", **bf16), prompts)
+    triton = _greedy(LLM(model_dir, attention_backend="pallas-triton", **bf16), prompts)
     assert not traced
     mosaic_llm = LLM(model_dir, attention_backend="pallas-mosaic", **bf16)
     assert 1 in traced and 2 in traced and mosaic_llm.engine.runner.decode_buckets
     assert _greedy(mosaic_llm, prompts) == triton
+
+
+def test_auto_kernel_choice():
+    """kernel="auto" (the "pallas" backend): Mosaic decode only on Hopper and only for decode calls
+    with enough token x kv-head programs; prefill, small buckets and other GPUs run Triton."""
+    from pallas_kernels.paged_attention import _AUTO_MOSAIC_DECODE_MIN_PROGRAMS, auto_kernel
+
+    need = _AUTO_MOSAIC_DECODE_MIN_PROGRAMS["H100"]
+    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA GH200 480GB"):
+        assert auto_kernel(kind, decode=True, num_tokens=need // 8, num_kv_heads=8) == "mosaic"
+        assert auto_kernel(kind, decode=True, num_tokens=need // 8 - 1, num_kv_heads=8) == "triton"
+        assert auto_kernel(kind, decode=False, num_tokens=4096, num_kv_heads=8) == "triton"
+    for kind in ("NVIDIA A100-SXM4-80GB", "NVIDIA L4", "interpret", "cpu"):
+        assert auto_kernel(kind, decode=True, num_tokens=4096, num_kv_heads=8) == "triton"
+
+
+def test_pallas_auto_mixes_kernels_per_bucket(model_dir, monkeypatch, request):
+    """With the threshold lowered for the interpreter, the "pallas" backend compiles the large
+    decode bucket with the Mosaic kernel and the one-sequence bucket with Triton (fused write), and
+    greedy tokens equal the Triton-only backend's (bf16: the Mosaic kernel takes no fp32)."""
+    import importlib
+
+    from pallas_kernels import mosaic_attention, triton_attention
+    dispatch = importlib.import_module("pallas_kernels.paged_attention")   # the module, not the function
+
+    traced = []
+    real = mosaic_attention.decode_call
+    monkeypatch.setattr(mosaic_attention, "decode_call", lambda *a, **k: traced.append(a[0].shape) or real(*a, **k))
+    # Bucket 8 (hkv 2): 16 programs -> Mosaic; bucket 1 (two token rows): 4 -> Triton.
+    monkeypatch.setitem(dispatch._AUTO_MOSAIC_DECODE_MIN_PROGRAMS, "interpret", 16)
+    # The choice is made at trace time: no trace from before (or for after) this threshold.
+    dispatch.paged_attention.clear_cache()
+    request.addfinalizer(dispatch.paged_attention.clear_cache)
+    triton_decode = []
+    real_t = triton_attention.decode_pallas_call
+    monkeypatch.setattr(triton_attention, "decode_pallas_call",
+                        lambda *a, **k: triton_decode.append(1) or real_t(*a, **k))
+    rng = np.random.RandomState(2)
+    prompts = [rng.randint(0, 256, size=n).tolist() for n in (3, 20, 9)]
+    bf16 = {**ENGINE, "dtype": "bfloat16"}
+    triton = _greedy_top2(LLM(model_dir, attention_backend="pallas-triton", **bf16), prompts)
+    traced.clear(), triton_decode.clear()
+    auto_llm = LLM(model_dir, attention_backend="pallas", **bf16)
+    assert traced and triton_decode
+    _assert_same_greedy_up_to_ties(_greedy_top2(auto_llm, prompts), triton)
+    _assert_same_greedy_up_to_ties(_greedy_top2(auto_llm, prompts[:1]), triton[:1])
+
+
+def _greedy_top2(llm, prompts):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=2),
+                        use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+def _assert_same_greedy_up_to_ties(got, want, tie=0.1):
+    """Token for token, except that two bf16 kernels (different summation orders, both within
+    bf16 rounding of the exact result) may pick different tokens at a near-tie: there both runs
+    must rank the two tokens within ``tie`` nats of each other; the sequences may then differ.
+    (bf16 logits of magnitude 2-8 are spaced 1/64-1/16 apart, and the two backends' logprobs of
+    one token differ by up to ~0.025 here before any divergence: 0.1 is a few such steps.)"""
+    for (g_ids, g_lp), (w_ids, w_lp) in zip(got, want, strict=True):
+        i = next((i for i, (a, b) in enumerate(zip(g_ids, w_ids)) if a != b), None)
+        if i is None:
+            assert g_ids == w_ids
+            continue
+        a, b = g_ids[i], w_ids[i]
+        for lp in (g_lp[i], w_lp[i]):
+            assert a in lp and b in lp, (i, g_ids, w_ids)
+            assert abs(lp[a].logprob - lp[b].logprob) < tie, (i, g_ids, w_ids, lp)
