@@ -5,7 +5,8 @@ planning the dispatcher needs (``unsupported_reason``, ``smem_bytes``, ``make_pl
 entry, tuning table and fallback to Triton are in ``paged_attention.py`` (``kernel="mosaic"`` on a
 non-decode call). ``prefill_call`` has the contract of ``paged_attention._prefill``: q [T, H, D],
 whole caches [L, Hkv, P, page, D] with a traced layer, and the work items of
-``paged_attention._prefill_items`` (``block_q`` tokens of ONE sequence each).
+``paged_attention._prefill_items`` with ``align=ROW_ALIGN`` (``block_q`` rows, starting at a
+multiple of 8, holding tokens of ONE sequence each).
 
 Why: the Triton-lowered prefill kernel reaches 16-40% of the dense bf16 matmul rate on an H200
 (2k-8k causal chunks); its K/V pages come in by pointer loads with little pipelining. Here a CTA
@@ -30,26 +31,34 @@ it does not need are waited for and freed without math, so the ring's barrier ph
 same for every warpgroup (each thread tracks barrier parity itself, on the GPU and in the
 interpreter).
 
-Rows: a warpgroup's 64 rows are consecutive tokens of one sequence, so row r has position
-``p0 + r`` (p0 = the first row's position): the positions of a sequence's query tokens in a step
-are consecutive (the scheduler's invariant; ``_prefill_items`` relies on them being increasing),
-so the kernel needs no per-row positions. The window is applied here, not by ``_prefill_items``
-(called without it, so an item keeps its first position in ``kv_full``). Key k is visible to row
-r when ``k <= p0 + r`` (and ``k > p0 + r - window``). Blocks wholly visible to every real row of
-the warpgroup skip the mask (the fast path, most of a long chunk); at most the window's leading
-blocks and the causal diagonal's trailing blocks are masked. Masked logits get a large finite
-negative (never ``inf - inf``): a real row always sees its own key in its last block.
+Rows: every TMA row offset (q boxes, output stores) must be provably a multiple of 8 (Mosaic GPU
+copies tiled SMEM by whole (8, 64) tiles; ``pl.multiple_of``), so an item starts at the multiple
+of 8 at or below its sequence's first token, and the sequence's later items every ``block_q``
+rows after that. Its rows before the sequence's first token (fewer than 8, an earlier
+sequence's) and after its last (the next sequence's) are not real: computed, never
+stored. The real rows of a warpgroup are consecutive tokens of one sequence, so row r has position
+``p0 + r`` (p0 = the first real row's position minus the rows before it; below 0 at a sequence's
+start): the positions of a sequence's query tokens in a step are consecutive (the scheduler's
+invariant; ``_prefill_items`` relies on them being increasing), so the kernel needs no per-row
+positions. The window is applied here, not by ``_prefill_items`` (called without it, so an item
+keeps its first real position in ``kv_full``). Key k is visible to row r when ``k <= p0 + r``
+(and ``k > p0 + r - window``). Block ranges count real rows only. Blocks wholly visible to every
+real row of the warpgroup skip the mask (the fast path, most of a long chunk); at most the
+window's leading blocks and the causal diagonal's trailing blocks are masked. Masked logits get a
+large finite negative (never ``inf - inf``): a real row always sees its own key in its last block,
+and a row that sees no key at all (not real) averages the masked ones, finite.
 
 Items and output: items are sorted longest-first (their key range) so the long causal items do not
 form the tail; the grid is flat (item x head, heads fastest) so the CTAs of one item, which read
-the same K/V pages, run together. TMA stores cannot be masked per row, and a 64-row tile of a
-sequence's last item would spill into the next sequence's tokens. A tile padded out per item
-([N_items * block_q, H, D], N_items = T / block_q + sequences) would cost ~285 MB for a 2048-token,
-256-sequence mixed bucket at 32 heads x d128, so instead each warpgroup stores its whole 8-row
-chunks of real rows straight into out [T, H, D] (TMA boxes of 8 rows: the SMEM tile's row group)
-and only the chunk holding its last ``num_rows % 8`` rows into its own 8 rows of a tail buffer
-[N_items * compute_wgs * 8, H, D]; the wrapper picks those rows back (one gather + select). q is
-padded with ``block_q`` zero rows so a q box never runs past the array.
+the same K/V pages, run together. TMA stores cannot be masked per row, and an item's 64-row tile
+overlaps the neighbouring sequences' tokens. A tile padded out per item ([N_items * block_q, H, D],
+N_items ~ T / block_q + sequences) would cost ~285 MB for a 2048-token, 256-sequence mixed bucket
+at 32 heads x d128, so instead each warpgroup stores its whole 8-row chunks of real rows straight
+into out [T, H, D] (TMA boxes of 8 rows: the SMEM tile's row group), and an item's at most two
+partial chunks (its first, when it starts before its sequence; the one with its last real row)
+into its two 8-row chunks of a tail buffer [N_items * 16, H, D]; the wrapper picks those rows back
+(one gather + select). q is padded with ``block_q`` zero rows so a q box never runs past the
+array, and q and out to a multiple of 8 rows (Mosaic GPU tiles a TMA's whole GMEM array).
 
 Interpret mode (``interpret=True``, the CPU tests): Mosaic GPU's interpreter runs the warpgroups as
 concurrent threads and simulates SMEM, TMA copies and every barrier, which it checks (a thread that
@@ -88,15 +97,27 @@ MAX_HEAD_DIM = 256       # a TMA box dimension and the P V wgmma's N are at most
 _COMPUTE_REGISTERS = 232
 _PRODUCER_REGISTERS = 40
 _MOSAIC_EXTRA_SMEM = 2048 + 256
+# A TMA copy between GMEM and a tiled, swizzled SMEM tile moves whole (8, 64) tiles, so every row
+# offset of a q box or output store is a multiple of 8 (and says so, pl.multiple_of): items start
+# at rows that are multiples of ROW_ALIGN (``_prefill_items(..., align=ROW_ALIGN)``).
+ROW_ALIGN = _TILE_ROWS
+# Partial 8-row chunks an item stores through the tail buffer: its first (rows of the previous
+# sequence before its own) and the one with its last real row (rows of the next sequence after).
+_TAIL_CHUNKS = 2
 
 
 # Why the kernel does not run on a GPU yet (None once it does): measured on an H200 with JAX
 # 0.11.2 (2026-11-22). Mosaic GPU copies a tiled, swizzled SMEM tile by whole (8, 64) tiles, so a
 # TMA box's GMEM row offset must be provably a multiple of 8 ("prove the divisibility of index 0
-# using pl.multiple_of"), and an item's first query row is any token of the flat batch. The fix:
-# items that start at the 8-aligned row below the sequence's first token, with that first chunk's
-# rows stored through the tail buffer like the last one's. Until then the dispatcher runs the
-# Triton prefill kernel on the GPU; interpret mode (the CPU tests) still runs this kernel.
+# using pl.multiple_of"), and an item's first query row was any token of the flat batch.
+# The fix is IN and awaits the GPU check (set this to None once the kernel lowers and matches
+# the reference on JAX 0.11.2): items start at the multiple of 8 at or below their sequence's
+# first token (ROW_ALIGN), every TMA row offset is wrapped in pl.multiple_of, a first chunk that
+# starts before its sequence goes through the tail buffer like the last one, and q/out rows are
+# padded to a multiple of 8. On the CPU (JAX 0.10.2) the kernel now passes Mosaic GPU's layout
+# inference (Warpgroup lowering semantics; the old one failed it like the GPU did) and the
+# interpret-mode tests with unaligned sequence starts. Until then the dispatcher runs the Triton
+# prefill kernel on the GPU; interpret mode (the CPU tests) runs this kernel.
 GPU_UNSUPPORTED = ("query rows at token offsets that are not multiples of 8 (JAX 0.11.2's Mosaic "
                    "GPU needs 8-row-aligned TMA boxes into tiled shared memory)")
 
@@ -193,13 +214,18 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
     dtype = q_ref.dtype
     wgmma_layout, row_layout = register_layouts(interpret)
 
-    # Item row: (q_lo, q_hi, 0, kv_hi, first position + 1, ...) from _prefill_items without a
-    # window; an empty item (q_lo == q_hi) streams no blocks and stores nothing.
+    # Item row: (q_lo, q_hi, 0, kv_hi, first real position + 1, real_lo, 0, 0) from
+    # _prefill_items without a window and with align=ROW_ALIGN: rows [q_lo, q_hi), q_lo a multiple
+    # of 8; the rows before real_lo (fewer than 8, in a sequence's first item only) are the
+    # previous sequence's: computed, never stored. An empty item (q_lo == q_hi) streams no blocks
+    # and stores nothing.
     q_lo = items_ref[item, 0]
     q_hi = items_ref[item, 1]
     kv_hi = items_ref[item, 3]
-    first_pos = items_ref[item, 4] - 1
-    kv_lo = 0 if sliding_window is None else jnp.maximum(0, first_pos - sliding_window + 1)
+    real_pos = items_ref[item, 4] - 1            # position of the item's first real row
+    real_lo = items_ref[item, 5]
+    row0_pos = real_pos - (real_lo - q_lo)       # position of row q_lo: below 0 possibly
+    kv_lo = 0 if sliding_window is None else jnp.maximum(0, real_pos - sliding_window + 1)
     first_block = kv_lo // block_k               # blocks are aligned to block_k keys (whole pages)
     num_blocks = jnp.where(q_hi > q_lo, (kv_hi + block_k - 1) // block_k - first_block, 0)
 
@@ -260,29 +286,38 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
     def compute():
         if specialised:
             plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
-        rows_lo = q_lo + wg * WGMMA_ROWS
-        num_rows = jnp.clip(q_hi - rows_lo, 0, WGMMA_ROWS)   # real rows of this warpgroup
-        p0 = first_pos + wg * WGMMA_ROWS                      # position of row 0
+        # This warpgroup's rows [rows_lo, +64): [lead, num_rows) are real (tokens of the item's
+        # sequence); [0, lead) the previous sequence's, [num_rows, 64) the next one's.
+        rows_lo = pl.multiple_of(q_lo + wg * WGMMA_ROWS, ROW_ALIGN)
+        num_rows = jnp.clip(q_hi - rows_lo, 0, WGMMA_ROWS)
+        lead = jnp.clip(real_lo - rows_lo, 0, WGMMA_ROWS)
+        p0 = row0_pos + wg * WGMMA_ROWS                       # position of row 0
         q_tile = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(rows_lo, WGMMA_ROWS), pl.ds(head * head_dim, head_dim)],
-                                q_tile, q_bar.at[wg])
+        cols = pl.ds(head * head_dim, head_dim)
+        # rows_lo + 64 <= q_lo + block_q < T + block_q: the box stays inside the padded q.
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(rows_lo, WGMMA_ROWS), cols], q_tile, q_bar.at[wg])
         if not specialised:
             start_stream()
         plgpu.barrier_wait(q_bar.at[wg])
 
         # This warpgroup's blocks (absolute indices): [start, end) hold a key some real row
         # sees; [full_lo, full_hi) inside it is visible to every real row (no mask). Alone, the
-        # warpgroup's range is the item's.
-        has_rows = num_rows > 0
+        # warpgroup's range is the item's. Only real rows count: the previous sequence's rows
+        # (positions p0..p0 + lead - 1, below 0 at a sequence's start) may see nothing in the
+        # masked blocks (every logit MASK_VALUE: p = 1, l > 0, finite) and see keys beyond their
+        # position in the unmasked ones; they are never stored.
+        has_rows = num_rows > lead
+        first_real = p0 + lead                                # position of the first real row
         end = jnp.where(has_rows, (p0 + num_rows + block_k - 1) // block_k, first_block)
         if sliding_window is None:
             start = jnp.where(has_rows, first_block, end)
             full_lo = start
         else:
-            start = jnp.where(has_rows, jnp.maximum(0, p0 - sliding_window + 1) // block_k, end)
+            start = jnp.where(has_rows,
+                              jnp.maximum(0, first_real - sliding_window + 1) // block_k, end)
             # Every real row sees key k >= p0 + num_rows - window.
             full_lo = jnp.clip(-(-(p0 + num_rows - sliding_window) // block_k), start, end)
-        full_hi = jnp.clip((p0 + 1) // block_k, full_lo, end)
+        full_hi = jnp.clip((first_real + 1) // block_k, full_lo, end)
         a, b, c, d = (x - first_block for x in (start, full_lo, full_hi, end))
 
         # Matmuls: wgmma on the GPU (B = K^T through transpose_ref, P from registers, O
@@ -358,23 +393,26 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
             out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
             q_tile[...] = out.astype(dtype)       # every wgmma reading q_tile has completed
             plgpu.commit_smem()
-            # Whole 8-row chunks of real rows go straight to their tokens' rows; the chunk
-            # holding the last (num_rows % 8) real rows would spill into the next sequence's
-            # tokens, so it goes to this warpgroup's 8 rows of the tail buffer.
+            # Whole 8-row chunks of real rows go straight to their tokens' rows. A chunk that
+            # also holds another sequence's rows (the first chunk of a sequence's first item,
+            # the chunk after its last real row) would overwrite them, so it goes to one of the
+            # item's two tail chunks: 0 for the item's first chunk, 1 for any later one (only
+            # the chunk with the item's last real row can be partial there).
             for j in range(WGMMA_ROWS // _TILE_ROWS):
                 lo = j * _TILE_ROWS
                 chunk = q_tile.at[pl.ds(lo, _TILE_ROWS)]
+                whole = (lo >= lead) & (lo + _TILE_ROWS <= num_rows)
 
-                @pl.when(lo + _TILE_ROWS <= num_rows)
+                @pl.when(whole)
                 def _whole():
-                    plgpu.copy_smem_to_gmem(
-                        chunk, o_ref.at[pl.ds(rows_lo + lo, _TILE_ROWS), pl.ds(head * head_dim, head_dim)])
+                    row = pl.multiple_of(rows_lo + lo, ROW_ALIGN)
+                    plgpu.copy_smem_to_gmem(chunk, o_ref.at[pl.ds(row, _TILE_ROWS), cols])
 
-                @pl.when((lo < num_rows) & (num_rows < lo + _TILE_ROWS))
+                @pl.when(~whole & (lo < num_rows) & (lo + _TILE_ROWS > lead))
                 def _partial():
-                    tail = (item * compute_wgs + wg) * _TILE_ROWS
-                    plgpu.copy_smem_to_gmem(
-                        chunk, tail_ref.at[pl.ds(tail, _TILE_ROWS), pl.ds(head * head_dim, head_dim)])
+                    slot = jnp.minimum(wg + j, 1)
+                    row = pl.multiple_of((item * _TAIL_CHUNKS + slot) * _TILE_ROWS, ROW_ALIGN)
+                    plgpu.copy_smem_to_gmem(chunk, tail_ref.at[pl.ds(row, _TILE_ROWS), cols])
             plgpu.wait_smem_to_gmem(0)
 
     if specialised:
@@ -389,8 +427,9 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
     """Ragged paged prefill attention on Hopper.
 
     q [T, H, D]; k_cache/v_cache [L, Hkv, P, page, D] whole; layer_arr [1] int32; items [N, 8]
-    from ``_prefill_items(md, T, plan.block_q, sliding_window=None)`` (the window is applied
-    here); item_tables [N, max_pages] (each item's sequence's block table, null-page padded).
+    from ``_prefill_items(md, T, plan.block_q, None, align=ROW_ALIGN)`` (the window is applied
+    here; on the GPU every q_lo MUST be a multiple of 8, which the kernel asserts to the compiler
+    unchecked); item_tables [N, max_pages] (each item's sequence's block table, null-page padded).
     ``interpret``: False (GPU), True (``interpret_params()``) or interpret params.
     Returns [T, H, D] in q's dtype (rows of tokens outside every item are unspecified).
     """
@@ -416,10 +455,13 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
     order = jnp.argsort(jnp.where(valid, -items[:, 3], 1), stable=True)
     tables = jnp.pad(item_tables.astype(jnp.int32), ((0, 0), (0, rows * cols - max_pages)))
     tables = tables[order].reshape(n, rows, cols)
-    # Boxes never run past the end. Heads are folded into columns ([T, H * D], a bitcast): a box of
-    # one head is then a 2-D [64, D] tile at column head * D. (JAX 0.11.2's Mosaic GPU layout
-    # inference fails an assertion on a TMA box with a squeezed middle dimension, [64, -1, D].)
-    q_padded = jnp.pad(q, ((0, block_q), (0, 0), (0, 0))).reshape(t + block_q, h * d)
+    # Boxes never run past the end (block_q zero rows after the tokens). Heads are folded into
+    # columns ([T, H * D], a bitcast): a box of one head is then a 2-D [64, D] tile at column
+    # head * D. (JAX 0.11.2's Mosaic GPU layout inference fails an assertion on a TMA box with a
+    # squeezed middle dimension, [64, -1, D].) Mosaic GPU tiles the whole GMEM array of a TMA
+    # into tiled SMEM, so q's and out's row counts are rounded up to multiples of 8 too.
+    t8 = -(-t // _TILE_ROWS) * _TILE_ROWS
+    q_padded = jnp.pad(q, ((0, t8 - t + block_q), (0, 0), (0, 0))).reshape(t8 + block_q, h * d)
     flat = (num_layers * hkv * num_pages, page_size, d)          # a bitcast of the caches
 
     tiled = (plgpu.TilingTransform((_TILE_ROWS, _SWIZZLE // q.dtype.itemsize)),
@@ -446,8 +488,8 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
     body.__name__ = "jaxllm_ragged_prefill_mosaic"   # the kernel's name in profiles
     out, tail = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((t, h * d), q.dtype),
-                  jax.ShapeDtypeStruct((n * plan.compute_wgs * _TILE_ROWS, h * d), q.dtype)),
+        out_type=(jax.ShapeDtypeStruct((t8, h * d), q.dtype),
+                  jax.ShapeDtypeStruct((n * _TAIL_CHUNKS * _TILE_ROWS, h * d), q.dtype)),
         scratch_types=scratch,
         grid=(n * h,),
         grid_names=("work",),
@@ -457,18 +499,19 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
         interpret=(interpret_params() if interpret is True else interpret or None),
     )(layer_arr, items[order], tables, q_padded, k_cache.reshape(flat), v_cache.reshape(flat))
 
-    # The rows of a warpgroup's last partial 8-row chunk are in the tail buffer. Token t -> its
-    # item (valid items tile [0, query_start_loc[-1]) in order: the first item ending after t),
-    # its warpgroup and row there, and the item's place in the sorted order.
+    # The rows of an item's partial 8-row chunks are in its tail chunks. Token t -> its item (the
+    # real rows [real_lo, q_hi) of the valid items tile [0, query_start_loc[-1]) in order: the
+    # first item ending after t), its row and 8-row chunk there (warpgroups split the item at a
+    # multiple of 8), and the item's place in the sorted order.
     ends = jnp.where(valid, items[:, 1], jnp.iinfo(jnp.int32).max)
     tok = jnp.arange(t, dtype=jnp.int32)
     owner = jnp.minimum(jnp.searchsorted(ends, tok, side="right"), n - 1)
-    row = jnp.clip(tok - items[owner, 0], 0, block_q - 1)
-    wg, row = row // WGMMA_ROWS, row % WGMMA_ROWS
-    wg_rows = jnp.clip(items[owner, 1] - items[owner, 0] - wg * WGMMA_ROWS, 0, WGMMA_ROWS)
-    whole = wg_rows // _TILE_ROWS * _TILE_ROWS
+    q_lo, q_hi, real_lo = items[owner, 0], items[owner, 1], items[owner, 5]
+    row = jnp.clip(tok - q_lo, 0, block_q - 1)
+    chunk_lo = q_lo + row // _TILE_ROWS * _TILE_ROWS
+    whole = (chunk_lo >= real_lo) & (chunk_lo + _TILE_ROWS <= q_hi)
     sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    tail_row = (sorted_pos[owner] * plan.compute_wgs + wg) * _TILE_ROWS + jnp.clip(
-        row - whole, 0, _TILE_ROWS - 1)
-    out, tail = out.reshape(t, h, d), tail.reshape(-1, h, d)
-    return jnp.where((row >= whole)[:, None, None], tail[tail_row], out)
+    slot = jnp.minimum(row // _TILE_ROWS, 1)
+    tail_row = (sorted_pos[owner] * _TAIL_CHUNKS + slot) * _TILE_ROWS + row % _TILE_ROWS
+    out, tail = out[:t].reshape(t, h, d), tail.reshape(-1, h, d)
+    return jnp.where(whole[:, None, None], out, tail[tail_row])

@@ -361,41 +361,57 @@ def _decode_mosaic(q, k_cache, v_cache, layer_arr, md, plan, *, scale, soft_cap,
     return out[:, :, :g].reshape(t, h, d)
 
 
-def _prefill_items(md, num_tokens, block_q, sliding_window):
+def _prefill_items(md, num_tokens, block_q, sliding_window, align=1):
     """Split each sequence's query tokens into blocks of <= block_q.
 
-    Rows are (q_lo, q_hi, kv_lo, kv_hi, kv_full, 0, 0, 0): the block's tokens [q_lo, q_hi), the
-    keys any of them sees [kv_lo, kv_hi), and kv_full, below which every row sees every key.
+    Rows are (q_lo, q_hi, kv_lo, kv_hi, kv_full, real_lo, 0, 0): the block's rows [q_lo, q_hi),
+    of which [real_lo, q_hi) are the sequence's tokens, the keys any of them sees [kv_lo, kv_hi),
+    and kv_full, below which every one of them sees every key (the first one's position + 1
+    without a window).
 
-    The static item count N = cdiv(T, block_q) + S bounds sum_s cdiv(q_len_s, block_q); unused
-    items are empty (q_lo == q_hi, kv_lo == kv_hi) and write nothing.
+    ``align`` (the Mosaic prefill kernel's 8: its TMA boxes need row offsets that are multiples of
+    8): a sequence's first item starts at the multiple of ``align`` at or below its first token,
+    its later ones every ``block_q`` rows after that, so every q_lo is a multiple of ``align``; the
+    rows [q_lo, real_lo) before the sequence belong to earlier sequences. With
+    ``align=1`` (the Triton kernel) real_lo == q_lo.
+
+    The static item count N bounds sum_s cdiv(q_len_s + lead_s, block_q), lead_s = real_lo - q_lo
+    of the sequence's first item: cdiv(T, block_q) + S with align=1; with align >= 2 (lead_s <
+    align) a nonempty sequence has cdiv(q_len_s + lead_s, block_q) <= (q_len_s + align - 2) //
+    block_q + 1 items, so N = (T + (align - 2) S) // block_q + S. Unused items are empty
+    (q_lo == q_hi, kv_lo == kv_hi) and write nothing.
     """
     qsl = md.query_start_loc.astype(jnp.int32)
     s = qsl.shape[0] - 1
     q_len = qsl[1:] - qsl[:-1]
-    blocks = (q_len + block_q - 1) // block_q
+    base = qsl[:-1] // align * align                 # the sequence's first item's q_lo
+    blocks = jnp.where(q_len > 0, (qsl[1:] - base + block_q - 1) // block_q, 0)
     ends = jnp.cumsum(blocks)
     starts = ends - blocks
-    n = -(-num_tokens // block_q) + s
+    if align == 1:
+        n = -(-num_tokens // block_q) + s
+    else:
+        n = (num_tokens + (align - 2) * s) // block_q + s
     item = jnp.arange(n, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(ends, item, side="right"), s - 1).astype(jnp.int32)
     valid = item < ends[-1]
-    q_lo = qsl[seq] + (item - starts[seq]) * block_q
+    q_lo = base[seq] + (item - starts[seq]) * block_q
     q_hi = jnp.minimum(q_lo + block_q, qsl[seq + 1])
-    valid &= q_hi > q_lo
+    real_lo = jnp.maximum(q_lo, qsl[seq])
+    valid &= q_hi > real_lo
     last = jnp.clip(q_hi - 1, 0, num_tokens - 1)
-    first = jnp.clip(q_lo, 0, num_tokens - 1)
+    first = jnp.clip(real_lo, 0, num_tokens - 1)
     kv_hi = md.positions[last] + 1
     kv_lo = jnp.zeros_like(kv_hi)
-    # Causal: every row of the block sees keys up to the first row's position. With a window
+    # Causal: every real row of the block sees keys up to the first one's position. With a window
     # the fully visible range is narrower; the kernel then masks every block (kv_full = kv_lo).
     kv_full = md.positions[first] + 1
     if sliding_window is not None:
         kv_lo = jnp.maximum(0, md.positions[first] - sliding_window + 1)
         kv_full = kv_lo
     zero = jnp.zeros_like(q_lo)
-    cols = [q_lo, q_hi, kv_lo, kv_hi, kv_full]
-    items = jnp.stack([jnp.where(valid, c, zero) for c in cols] + [zero] * 3, axis=1)
+    cols = [q_lo, q_hi, kv_lo, kv_hi, kv_full, real_lo]
+    items = jnp.stack([jnp.where(valid, c, zero) for c in cols] + [zero] * 2, axis=1)
     return items.astype(jnp.int32), seq
 
 
@@ -413,7 +429,8 @@ def _mosaic_prefill_plan(q, k_cache, md, tuning):
 def _prefill_mosaic(q, k_cache, v_cache, layer_arr, md, plan, *, scale, soft_cap,
                     sliding_window, interpret):
     # Items without the window: the kernel applies it from each item's first position.
-    items, seq = _prefill_items(md, q.shape[0], plan.block_q, None)
+    items, seq = _prefill_items(md, q.shape[0], plan.block_q, None,
+                                align=mosaic_prefill.ROW_ALIGN)
     return mosaic_prefill.prefill_call(
         q, k_cache, v_cache, layer_arr, items, md.block_tables[seq], scale=scale,
         soft_cap=soft_cap, sliding_window=sliding_window, plan=plan, interpret=interpret)

@@ -5,27 +5,33 @@ of ``pallas_kernels/mosaic_prefill.py`` in Mosaic GPU's CPU interpreter (SMEM, T
 ring barriers and the output tiles simulated; the two matmuls as jnp.dot on the same SMEM tiles).
 Every output buffer and SMEM scratch starts as NaN, and cache slots no valid key occupies hold
 large random values (pallas_kernels/testing.py), so an unwritten row, a wrong pick of a
-warpgroup's partial last 8 rows from the tail buffer, or a masked key that leaks into the softmax
+item's partial 8-row chunks from the tail buffer, or a masked key that leaks into the softmax
 (e.g. a block wrongly taking the unmasked fast path) fails the per-token comparison.
 
 The interpreter default is one compute warpgroup (64 query rows, inline: fast on the CPU); the
 GPU default, two compute warpgroups fed by a producer warpgroup, runs as three interpreter threads
 whose jaxprs compile per grid point (seconds each), so it gets one small case that still covers
 its protocol: a warpgroup skipping the item's leading (window) and trailing (causal) blocks, an
-empty warpgroup, an empty item. ``test_lowers_for_cuda`` lowers both variants for CUDA.
+empty warpgroup, an empty item, an item starting before its sequence. ``test_lowers_for_cuda``
+lowers both variants for CUDA, also through Mosaic GPU's layout inference, which failed on the
+GPU (JAX 0.11.2) while items started at rows that are not multiples of 8.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 
 import jax
+import jax.experimental.mosaic.gpu as mgpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from model_zoo.attention import AttentionMetadata
 from pallas_kernels import mosaic_attention, mosaic_prefill
 from pallas_kernels.paged_attention import _prefill_items, paged_attention
 from pallas_kernels.reference import paged_attention_reference
@@ -78,14 +84,70 @@ def test_prefill_matches_reference(group, kv_heads, head_dim, page, dtype, opts,
     _check(batch, _run(batch, **opts, **tuning), sum(q for _, q in SEQS), dtype, **opts)
 
 
+# Sequences whose first query token sits at a flat row that is not a multiple of 8 (the items
+# start at the multiple of 8 below it, the rows before it are the previous sequence's), next to
+# ones that start aligned. Rows | positions:
+#   0 | 0 (aligned); 1..3 | 37..39, inside one 8-row chunk with both neighbours; 4..10 | 0..6:
+#   the 4 rows before it get positions -4..-1 (every key masked) and it spans two partial chunks;
+#   11..19 | 64..72: row 8 has position 61, so only the first real row's position (64) makes
+#   block 0 unmasked; 20..82 | 0..62 and 83..147 | 15..79: a 64-row item starting 4 / 3 rows
+#   early and a short second item; 148..277 | 100..229: three items; then bucket padding.
+UNALIGNED_SEQS = [(1, 1), (40, 3), (7, 7), (73, 9), (63, 63), (80, 65), (230, 130)]
+
+
+@pytest.mark.parametrize("group,head_dim,page,opts", [
+    (2, 64, 16, {}),
+    (1, 128, 32, {"soft_cap": 7.0, "sliding_window": 21}),   # a window narrower than an item
+])
+def test_unaligned_sequence_starts(group, head_dim, page, opts):
+    batch = _batch(10 + head_dim, UNALIGNED_SEQS, group=group, kv_heads=1, head_dim=head_dim,
+                   page=page, dtype=jnp.bfloat16, pad_tokens=3, pad_seqs=1)
+    _check(batch, _run(batch, **opts), sum(q for _, q in UNALIGNED_SEQS), jnp.bfloat16, **opts)
+
+
+@pytest.mark.parametrize("align,block_q", [(8, 64), (8, 128), (1, 16)])
+def test_prefill_items_cover_each_token_once(align, block_q):
+    # Ragged layouts (random, and the worst case for the item count: every sequence starting 7
+    # rows past a multiple of 8 with a span of one row more than an item) against the item
+    # contract: rows start at multiples of align, fewer than align rows before the sequence, the
+    # real rows [real_lo, q_hi) tile the tokens in order, kv_hi / kv_full from the positions, and
+    # the static item count suffices.
+    rng = np.random.default_rng(align * block_q)
+    t, s = 300, 9
+    layouts = [np.minimum(np.r_[0, 7 + block_q * np.arange(s)], t)]
+    for _ in range(40):
+        cuts = rng.integers(0, t + 1, s)
+        cuts[rng.random(s) < 0.3] = cuts[0]        # empty sequences
+        layouts.append(np.r_[0, np.sort(cuts)])
+    items_fn = jax.jit(lambda md: _prefill_items(md, t, block_q, None, align=align))
+    for qsl in layouts:
+        positions = rng.integers(0, 1000, t).astype(np.int32)
+        md = AttentionMetadata(
+            positions=jnp.asarray(positions), token_seq_ids=jnp.zeros(t, jnp.int32),
+            slot_mapping=jnp.zeros(t, jnp.int32), block_tables=jnp.zeros((s, 1), jnp.int32),
+            seq_lens=jnp.zeros(s, jnp.int32), query_start_loc=jnp.asarray(qsl, jnp.int32))
+        items, seq = (np.asarray(x) for x in items_fn(md))
+        valid = items[:, 1] > items[:, 0]
+        assert (np.diff(valid.astype(int)) <= 0).all(), "empty items must come last"
+        q_lo, q_hi, _, kv_hi, kv_full, real_lo = items[valid, :6].T
+        assert (q_lo % align == 0).all() and (real_lo - q_lo < align).all()
+        assert (q_lo <= real_lo).all() and (real_lo < q_hi).all() and (q_hi - q_lo <= block_q).all()
+        np.testing.assert_array_equal(np.r_[real_lo, qsl[-1]], np.r_[0, q_hi])   # tile in order
+        assert (qsl[seq[valid]] <= real_lo).all() and (q_hi <= qsl[seq[valid] + 1]).all()
+        np.testing.assert_array_equal(kv_hi, positions[q_hi - 1] + 1)
+        np.testing.assert_array_equal(kv_full, positions[real_lo] + 1)
+
+
 def test_two_compute_warpgroups_with_producer():
-    # 129 queries at positions 100..228, 64-key blocks: item 0 = 128 rows; its stream is blocks
-    # 0..3, the first warpgroup (rows 100..163) needs 0..2, the second (164..227, window 100)
-    # 1..3. Item 1 = one row (the second warpgroup is empty), item 2 is empty. Three interpreter
-    # threads per grid point.
-    batch = _batch(4, [(229, 129)], group=1, kv_heads=1, head_dim=64, page=16,
-                   dtype=jnp.bfloat16)
-    _check(batch, _run(batch, block_q=128, sliding_window=100), 129, jnp.bfloat16,
+    # Three interpreter threads per grid point, so one small case covers the protocol and the
+    # output paths of the second warpgroup. 64-key blocks, window 100; rows | positions:
+    #   A, 0..75 | 0..75: the second warpgroup stores a whole 8-row chunk and a partial one.
+    #   B, 72..137, real from 76 | 132..193 (rows 72..75 are A's): the stream is blocks 0..3, the
+    #     first warpgroup (132..191) needs 0..2, the second (192, 193: one partial chunk) 1..3.
+    #   C, 136..140, real from 138 | 7..9: the second warpgroup is empty; then an empty item.
+    batch = _batch(4, [(76, 76), (194, 62), (10, 3)], group=1, kv_heads=1, head_dim=64,
+                   page=16, dtype=jnp.bfloat16)
+    _check(batch, _run(batch, block_q=128, sliding_window=100), 141, jnp.bfloat16,
            sliding_window=100)
 
 
@@ -98,7 +160,8 @@ def test_ring_protocol_has_no_races():
     plan = mosaic_prefill.make_plan(dtype=jnp.bfloat16, head_dim=64, page_size=16,
                                     max_pages=md.block_tables.shape[1], block_keys=64,
                                     num_stages=2, compute_wgs=1, smem_limit=227 * 1024)
-    items, seq = _prefill_items(md, q.shape[0], plan.block_q, None)
+    items, seq = _prefill_items(md, q.shape[0], plan.block_q, None,
+                                align=mosaic_prefill.ROW_ALIGN)
     out = mosaic_prefill.prefill_call(
         q, k, v, jnp.reshape(layer, (1,)), items, md.block_tables[seq], scale=0.125,
         soft_cap=None, sliding_window=None, plan=plan,
@@ -160,12 +223,22 @@ def test_plan_and_validation():
         _run(batch, block_q=32)
 
 
-@pytest.mark.parametrize("compute_wgs,head_dim,soft_cap,sliding_window", [
-    (1, 64, None, None), (2, 128, None, None), (2, 256, 30.0, 1000)])
-def test_lowers_for_cuda(compute_wgs, head_dim, soft_cap, sliding_window):
+@pytest.mark.parametrize("compute_wgs,head_dim,soft_cap,sliding_window,t,inference", [
+    (1, 64, None, None, 256, False), (2, 128, None, None, 250, False),
+    (2, 256, 30.0, 1000, 256, False), (1, 64, None, None, 250, True),
+    (2, 128, 30.0, 100, 256, True)])
+def test_lowers_for_cuda(monkeypatch, compute_wgs, head_dim, soft_cap, sliding_window, t,
+                         inference):
     # Lowering to Mosaic GPU runs without a GPU and checks TMA boxes, wgmma operand shapes and
     # swizzles, register layouts and the warpgroup split; PTX compilation and running need one.
-    t, h, hkv, page, pages, n = 256, 8, 2, 16, 64, 6
+    # 250 tokens: a TMA array's rows must be a multiple of 8 (the wrapper pads them).
+    # inference: JAX 0.11.2 on the GPU ran Mosaic GPU's layout inference on this kernel, which
+    # must prove every TMA row offset into tiled SMEM a multiple of 8 (pl.multiple_of); 0.10.2
+    # runs it only under Warpgroup lowering semantics, where it fails the same way without them.
+    if inference:
+        monkeypatch.setattr(plgpu, "CompilerParams", functools.partial(
+            plgpu.CompilerParams, lowering_semantics=mgpu.LoweringSemantics.Warpgroup))
+    h, hkv, page, pages, n = 8, 2, 16, 64, 6
     plan = mosaic_prefill.make_plan(dtype=jnp.bfloat16, head_dim=head_dim, page_size=page,
                                     max_pages=pages, block_keys=128, num_stages=2,
                                     compute_wgs=compute_wgs, smem_limit=227 * 1024)
