@@ -178,7 +178,7 @@ def correctness(results, interpret=False):
                     dtype=dtype, head_dim=d, group=g, page_size=page,
                     pages_per_block=max(1, 64 // page))
             else:
-                why = mosaic_prefill.GPU_UNSUPPORTED or mosaic_prefill.unsupported_reason(
+                why = mosaic_prefill.unsupported_reason(
                     dtype=dtype, head_dim=d, page_size=page, block_keys=128)
             if not interpret and why is None:
                 impls["pallas_mosaic"] = functools.partial(paged_attention, max_query_len=mql,
@@ -393,9 +393,7 @@ def bench_prefill(chunk, mm_rate, budget, tune, interpret=False, profile=False):
             row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
 
     variants = dict(PREFILL_VARIANTS if "triton" in tune else {"pallas_triton": {}})
-    # Where the Mosaic prefill kernel does not run on the GPU yet, kernel="mosaic" runs Triton:
-    # no row under its name then.
-    mosaic_runs = not interpret and mosaic_prefill.GPU_UNSUPPORTED is None
+    mosaic_runs = not interpret
     if mosaic_runs:
         variants["pallas_mosaic"] = dict(kernel="mosaic")
     if "mosaic" in tune and mosaic_runs:

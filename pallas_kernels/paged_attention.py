@@ -150,11 +150,15 @@ KERNELS = ("auto", "triton", "mosaic")
 # kernel, whose fused K/V write saves the separate scatter the Mosaic path needs. Prefill and mixed
 # calls run Triton (the Mosaic prefill kernel does not run on the GPU yet). The shard-local wrap
 # (sharding/attention.py) calls the kernel with its own heads, so under TP the count is per device.
-# Measured on the 8B shape, ctx 512, whole engine steps (gpu_itl_variants.sh):
-#   H200, 2026-11-22: 512 programs (batch 64) Mosaic 6.789 vs Triton 7.193 ms a step;
-#                     8 (batch 1) Triton 4.378 vs Mosaic 4.434 ms.
-# Keys absent (every non-Hopper GPU): never Mosaic.
-_AUTO_MOSAIC_DECODE_MIN_PROGRAMS = {"H200": 256, "H100": 256}
+# Measured on the 8B shape (8 kv heads), ctx 512, whole engine steps, one process per backend
+# (gpu_itl_variants.sh; step ms, pallas-triton -> auto, same check tokens):
+#   H100, 2026-11-22 (results/2026-11-22-h100-decode-profile-{T-triton,A-auto}*.json):
+#     batch 64 (512 programs) 9.042 -> 8.783, batch 32 (256) 7.535 -> 7.329, batch 16 (128, with
+#     this threshold) 6.632 -> 6.525; batch 8 (64, Triton in both) 6.248 / 6.239, batch 1 5.777 /
+#     5.796. Below 128 the kernel alone loses: 8 x 512 runs at 13% of copy on Mosaic against 27%
+#     on Triton (-kernels-decode-write.json), a grid of 64 CTAs on 132 SMs.
+#   H200, 2026-11-22: batch 64 pallas-mosaic 6.789 vs Triton 7.193; batch 1 Triton 4.378 vs 4.434.
+_AUTO_MOSAIC_DECODE_MIN_PROGRAMS = {"H200": 128, "H100": 128}
 # Small enough for the CPU interpreter: fewer, smaller blocks keep the tests fast.
 _INTERPRET_DECODE = DecodeTuning(pages_per_block=2, target_programs=1, min_pages_per_split=1,
                                  num_warps=4, num_stages=1)
@@ -557,8 +561,6 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
                            block_keys=pages_per_block and pages_per_block * k_cache.shape[3],
                            compute_wgs=block_q and block_q // 64)
         plan = _mosaic_prefill_plan(q, k_cache, md, tuning)
-        if not interpret and mosaic_prefill.GPU_UNSUPPORTED is not None:
-            plan = mosaic_prefill.GPU_UNSUPPORTED
         if not isinstance(plan, str):
             return _prefill_mosaic(q, k_cache, v_cache, layer_arr, md, plan, scale=scale,
                                    soft_cap=soft_cap, sliding_window=sliding_window,

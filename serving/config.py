@@ -15,8 +15,7 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 # "pallas": the Pallas kernels, chosen per call shape and GPU (pallas_kernels.paged_attention.
 # auto_kernel: on Hopper, the Mosaic GPU decode kernel for large decode buckets, Triton-lowered
 # kernels elsewhere). "pallas-triton" / "pallas-mosaic" force one lowering; shapes the Mosaic
-# kernels do not take fall back to Triton, and so does prefill on the GPU until the Mosaic prefill
-# kernel lowers there (mosaic_prefill.GPU_UNSUPPORTED).
+# kernels do not take fall back to Triton.
 ATTENTION_BACKENDS = ("pallas", "pallas-triton", "pallas-mosaic", "xla")
 
 

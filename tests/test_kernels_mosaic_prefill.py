@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import logging
 
 import jax
 import jax.experimental.mosaic.gpu as mgpu
@@ -252,27 +251,3 @@ def test_lowers_for_cuda(monkeypatch, compute_wgs, head_dim, soft_cap, sliding_w
         interpret=False))
     text = export.export(fn, platforms=["cuda"])(*args).mlir_module()
     assert "mosaic_gpu" in text
-
-
-def test_gpu_prefill_falls_back_to_triton_while_mosaic_prefill_cannot_lower(monkeypatch, caplog):
-    """On the GPU (interpret=False), kernel="mosaic" prefill runs the Triton kernel with a log line
-    while mosaic_prefill.GPU_UNSUPPORTED names why; the Mosaic prefill kernel is never traced."""
-    pa_mod = importlib.import_module("pallas_kernels.paged_attention")
-    calls = []
-    monkeypatch.setattr(mosaic_prefill, "prefill_call", lambda *a, **k: calls.append(1))
-    seen = {}
-
-    def fake_triton_prefill(q, *a, **k):
-        seen["triton"] = True
-        return q
-    monkeypatch.setattr(pa_mod, "_prefill", fake_triton_prefill)
-    pa_mod._log_mosaic_fallback.cache_clear()         # the line is logged once per reason
-    rng = np.random.default_rng(3)
-    b = make_batch(rng, seq_lens=[40], q_lens=[40], num_heads=4, num_kv_heads=2, head_dim=64,
-                   page_size=16, dtype=jnp.bfloat16)
-    with caplog.at_level(logging.WARNING, logger="jaxllm.pallas_kernels"):
-        pa_mod.paged_attention.__wrapped__(
-            jnp.asarray(b.q), jnp.asarray(b.k_cache), jnp.asarray(b.v_cache), 0, b.metadata(),
-            scale=0.125, kernel="mosaic")
-    assert seen and not calls
-    assert any("Mosaic GPU prefill kernel cannot run" in r.message for r in caplog.records)
