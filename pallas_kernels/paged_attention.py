@@ -147,9 +147,8 @@ _MOSAIC_SMEM_LIMIT = 227 * 1024
 KERNELS = ("auto", "triton", "mosaic")
 # kernel="auto" (the engine's "pallas" backend) on a Hopper GPU: a decode call whose grid has at
 # least this many (token x kv head) programs runs the Mosaic decode kernel, a smaller one the Triton
-# kernel, whose fused K/V write saves the separate scatter the Mosaic path needs. Prefill and mixed
-# calls run Triton (the Mosaic prefill kernel does not run on the GPU yet). The shard-local wrap
-# (sharding/attention.py) calls the kernel with its own heads, so under TP the count is per device.
+# kernel, whose fused K/V write saves the separate scatter the Mosaic path needs. The shard-local
+# wrap (sharding/attention.py) calls the kernel with its own heads: under TP the count is per device.
 # Measured on the 8B shape (8 kv heads), ctx 512, whole engine steps, one process per backend
 # (gpu_itl_variants.sh; step ms, pallas-triton -> auto, same check tokens):
 #   H100, 2026-11-22 (results/2026-11-22-h100-decode-profile-{T-triton,A-auto}*.json):
@@ -159,6 +158,14 @@ KERNELS = ("auto", "triton", "mosaic")
 #     on Triton (-kernels-decode-write.json), a grid of 64 CTAs on 132 SMs.
 #   H200, 2026-11-22: batch 64 pallas-mosaic 6.789 vs Triton 7.193; batch 1 Triton 4.378 vs 4.434.
 _AUTO_MOSAIC_DECODE_MIN_PROGRAMS = {"H200": 128, "H100": 128}
+# Prefill and mixed calls: the Mosaic prefill kernel when the bucket has at least this many query
+# tokens per sequence slot, i.e. the buckets of one sequence (a prompt prefilling alone: 512 or 2048
+# tokens, 1 sequence), Triton otherwise. The Mosaic kernel runs 2k-8k causal chunks 1.4-1.5x faster
+# (H100: 38/53/61% of the matmul rate against 26/36/41%, results/2026-11-22-h100-kernels-prefill-
+# mosaic.json), but a CTA owns 128 query rows of ONE q head, where a Triton program owns 32 tokens
+# x the 4 q heads of one kv head: a decode token in a mixed batch costs it 2-4x Triton's work and
+# reads its K/V once per q head. Mixed buckets of many sequences stay on Triton until measured.
+_AUTO_MOSAIC_PREFILL_MIN_TOKENS_PER_SEQ = {"H200": 256, "H100": 256}
 # Small enough for the CPU interpreter: fewer, smaller blocks keep the tests fast.
 _INTERPRET_DECODE = DecodeTuning(pages_per_block=2, target_programs=1, min_pages_per_split=1,
                                  num_warps=4, num_stages=1)
@@ -463,14 +470,15 @@ def _prefill(q, k_cache, v_cache, layer_arr, md, *, scale, soft_cap, sliding_win
     return out[:t, :, :g].reshape(t, h, d)
 
 
-def auto_kernel(device_kind: str, *, decode: bool, num_tokens: int, num_kv_heads: int) -> str:
+def auto_kernel(device_kind: str, *, decode: bool, num_tokens: int, num_kv_heads: int,
+                num_seqs: int) -> str:
     """The kernel ``kernel="auto"`` runs for a call of this shape on this device (see
-    ``_AUTO_MOSAIC_DECODE_MIN_PROGRAMS``); ``"interpret"`` (the CPU tests) is Triton's."""
-    threshold = next((v for k, v in _AUTO_MOSAIC_DECODE_MIN_PROGRAMS.items()
-                      if k.lower() in device_kind.lower()), None)
-    if decode and threshold is not None and num_tokens * num_kv_heads >= threshold:
-        return "mosaic"
-    return "triton"
+    ``_AUTO_MOSAIC_DECODE_MIN_PROGRAMS`` and ``_AUTO_MOSAIC_PREFILL_MIN_TOKENS_PER_SEQ``; devices
+    absent from them, and ``"interpret"`` (the CPU tests), run Triton)."""
+    table = _AUTO_MOSAIC_DECODE_MIN_PROGRAMS if decode else _AUTO_MOSAIC_PREFILL_MIN_TOKENS_PER_SEQ
+    threshold = next((v for k, v in table.items() if k.lower() in device_kind.lower()), None)
+    size = num_tokens * num_kv_heads if decode else num_tokens // max(1, num_seqs)
+    return "mosaic" if threshold is not None and size >= threshold else "triton"
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -507,7 +515,7 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
     kind = "interpret" if interpret else _device_kind()
     if kernel == "auto":
         kernel = auto_kernel(kind, decode=max_query_len == 1, num_tokens=q.shape[0],
-                             num_kv_heads=k_cache.shape[1])
+                             num_kv_heads=k_cache.shape[1], num_seqs=md.block_tables.shape[0])
     if kernel == "mosaic":
         if num_stages is not None and num_stages < 2:
             raise ValueError(f"num_stages must be >= 2 for kernel='mosaic' (a ring of K/V "

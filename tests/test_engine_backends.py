@@ -1,6 +1,8 @@
 """The engine with attention_backend="pallas" (the GPU kernels, interpreted on CPU) gives the same
 greedy outputs as "xla", through chunked prefill and decode, on a tiny random Llama."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -61,33 +63,48 @@ def test_pallas_mosaic_backend_matches_pallas_in_bf16(model_dir, monkeypatch):
 
 
 def test_auto_kernel_choice():
-    """kernel="auto" (the "pallas" backend): Mosaic decode only on Hopper and only for decode calls
-    with enough token x kv-head programs; prefill, small buckets and other GPUs run Triton."""
-    from pallas_kernels.paged_attention import _AUTO_MOSAIC_DECODE_MIN_PROGRAMS, auto_kernel
+    """kernel="auto" (the "pallas" backend): the Mosaic kernels only on Hopper, decode for calls
+    with enough token x kv-head programs, prefill for buckets of one (or few) sequences; mixed
+    buckets of many sequences, small decode buckets and other GPUs run Triton."""
+    from pallas_kernels.paged_attention import (
+        _AUTO_MOSAIC_DECODE_MIN_PROGRAMS, _AUTO_MOSAIC_PREFILL_MIN_TOKENS_PER_SEQ, auto_kernel)
 
     need = _AUTO_MOSAIC_DECODE_MIN_PROGRAMS["H100"]
+    per_seq = _AUTO_MOSAIC_PREFILL_MIN_TOKENS_PER_SEQ["H100"]
     for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA GH200 480GB"):
-        assert auto_kernel(kind, decode=True, num_tokens=need // 8, num_kv_heads=8) == "mosaic"
-        assert auto_kernel(kind, decode=True, num_tokens=need // 8 - 1, num_kv_heads=8) == "triton"
-        assert auto_kernel(kind, decode=False, num_tokens=4096, num_kv_heads=8) == "triton"
+        choose = functools.partial(auto_kernel, kind, num_kv_heads=8)
+        assert choose(decode=True, num_tokens=need // 8, num_seqs=need // 8) == "mosaic"
+        assert choose(decode=True, num_tokens=need // 8 - 1, num_seqs=need // 8) == "triton"
+        assert choose(decode=False, num_tokens=2048, num_seqs=1) == "mosaic"
+        assert choose(decode=False, num_tokens=512, num_seqs=1) == "mosaic"
+        assert choose(decode=False, num_tokens=per_seq * 4, num_seqs=4) == "mosaic"
+        assert choose(decode=False, num_tokens=per_seq * 4 - 1, num_seqs=4) == "triton"
+        assert choose(decode=False, num_tokens=2048, num_seqs=64) == "triton"
     for kind in ("NVIDIA A100-SXM4-80GB", "NVIDIA L4", "interpret", "cpu"):
-        assert auto_kernel(kind, decode=True, num_tokens=4096, num_kv_heads=8) == "triton"
+        assert auto_kernel(kind, decode=True, num_tokens=4096, num_kv_heads=8, num_seqs=4096) == "triton"
+        assert auto_kernel(kind, decode=False, num_tokens=4096, num_kv_heads=8, num_seqs=1) == "triton"
 
 
 def test_pallas_auto_mixes_kernels_per_bucket(model_dir, monkeypatch, request):
-    """With the threshold lowered for the interpreter, the "pallas" backend compiles the large
-    decode bucket with the Mosaic kernel and the one-sequence bucket with Triton (fused write), and
-    greedy tokens equal the Triton-only backend's (bf16: the Mosaic kernel takes no fp32)."""
+    """With the thresholds lowered for the interpreter, the "pallas" backend compiles the large
+    decode bucket with the Mosaic kernel, the one-sequence decode bucket with Triton (fused write),
+    the one-sequence mixed bucket with the Mosaic prefill kernel and the 8-sequence one with
+    Triton's, and greedy tokens equal the Triton-only backend's (bf16: Mosaic takes no fp32)."""
     import importlib
 
-    from pallas_kernels import mosaic_attention, triton_attention
+    from pallas_kernels import mosaic_attention, mosaic_prefill, triton_attention
     dispatch = importlib.import_module("pallas_kernels.paged_attention")   # the module, not the function
 
     traced = []
     real = mosaic_attention.decode_call
     monkeypatch.setattr(mosaic_attention, "decode_call", lambda *a, **k: traced.append(a[0].shape) or real(*a, **k))
-    # Bucket 8 (hkv 2): 16 programs -> Mosaic; bucket 1 (two token rows): 4 -> Triton.
+    # Decode bucket 8 (hkv 2): 16 programs -> Mosaic; bucket 1 (two token rows): 4 -> Triton.
     monkeypatch.setitem(dispatch._AUTO_MOSAIC_DECODE_MIN_PROGRAMS, "interpret", 16)
+    # Mixed buckets: 32 tokens x 1 sequence -> Mosaic prefill; 32 x 8 (4 a sequence) -> Triton.
+    monkeypatch.setitem(dispatch._AUTO_MOSAIC_PREFILL_MIN_TOKENS_PER_SEQ, "interpret", 32)
+    prefills = []
+    real_p = mosaic_prefill.prefill_call
+    monkeypatch.setattr(mosaic_prefill, "prefill_call", lambda *a, **k: prefills.append(1) or real_p(*a, **k))
     # The choice is made at trace time: no trace from before (or for after) this threshold.
     dispatch.paged_attention.clear_cache()
     request.addfinalizer(dispatch.paged_attention.clear_cache)
@@ -99,9 +116,10 @@ def test_pallas_auto_mixes_kernels_per_bucket(model_dir, monkeypatch, request):
     prompts = [rng.randint(0, 256, size=n).tolist() for n in (3, 20, 9)]
     bf16 = {**ENGINE, "dtype": "bfloat16"}
     triton = _greedy_top2(LLM(model_dir, attention_backend="pallas-triton", **bf16), prompts)
-    traced.clear(), triton_decode.clear()
+    assert not (traced or prefills)
+    triton_decode.clear()
     auto_llm = LLM(model_dir, attention_backend="pallas", **bf16)
-    assert traced and triton_decode
+    assert traced and triton_decode and prefills
     _assert_same_greedy_up_to_ties(_greedy_top2(auto_llm, prompts), triton)
     _assert_same_greedy_up_to_ties(_greedy_top2(auto_llm, prompts[:1]), triton[:1])
 
