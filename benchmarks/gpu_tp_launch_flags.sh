@@ -21,6 +21,9 @@
 #                       -0.3..-1.5 ms if those host calls are the cost.
 #   no-cmd-buffers      every kernel launched on its own (measured worse at TP1 in session 2): a check
 #                       that graph launches/updates are not the TP2 cost.
+# Measured 2026-11-22 on 2 x H200 (results/2026-11-22-h200x2-tp-launch-flags.json), exe_call wall:
+#   control 3.264 ms; persistent-cliques: jaxlib 0.11.2 rejects the flag ("Unknown flag in XLA_FLAGS");
+#   sync-all-reduce 3.461 (+0.2: not the cost); no-cmd-buffers 4.949 (+1.7). No setting moves the launch.
 set -uo pipefail
 : "${OUT:?set OUT to the results directory}"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
