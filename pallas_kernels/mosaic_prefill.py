@@ -31,18 +31,18 @@ it does not need are waited for and freed without math, so the ring's barrier ph
 same for every warpgroup (each thread tracks barrier parity itself, on the GPU and in the
 interpreter).
 
-Rows: every TMA row offset (q boxes, output stores) must be provably a multiple of 8 (Mosaic GPU
-copies tiled SMEM by whole (8, 64) tiles; ``pl.multiple_of``), so an item starts at the multiple
-of 8 at or below its sequence's first token, and the sequence's later items every ``block_q``
-rows after that. Its rows before the sequence's first token (fewer than 8, an earlier
-sequence's) and after its last (the next sequence's) are not real: computed, never
-stored. The real rows of a warpgroup are consecutive tokens of one sequence, so row r has position
-``p0 + r`` (p0 = the first real row's position minus the rows before it; below 0 at a sequence's
-start): the positions of a sequence's query tokens in a step are consecutive (the scheduler's
-invariant; ``_prefill_items`` relies on them being increasing), so the kernel needs no per-row
-positions. The window is applied here, not by ``_prefill_items`` (called without it, so an item
-keeps its first real position in ``kv_full``). Key k is visible to row r when ``k <= p0 + r``
-(and ``k > p0 + r - window``). Block ranges count real rows only. Blocks wholly visible to every
+Rows: every q box's TMA row offset must be provably a multiple of 8 (Mosaic GPU copies tiled SMEM
+by whole (8, 64) tiles; ``pl.multiple_of``), so an item starts at the multiple of 8 at or below
+its sequence's first token, and the sequence's later items every ``block_q`` rows after that.
+Its rows before the sequence's first token (fewer than 8, an earlier sequence's) and after its
+last (the next sequence's) are not real: computed, never stored. The real rows of a warpgroup
+are consecutive tokens of one sequence, so row r has position ``p0 + r`` (p0 = the first real
+row's position minus the rows before it; below 0 at a sequence's start): the positions of a
+sequence's query tokens in a step are consecutive (the scheduler's invariant; ``_prefill_items``
+relies on them being increasing), so the kernel needs no per-row positions. The window is
+applied here, not by ``_prefill_items`` (called without it, so an item keeps its first real
+position in ``kv_full``). Key k is visible to row r when ``k <= p0 + r`` (and
+``k > p0 + r - window``). Block ranges count real rows only. Blocks wholly visible to every
 real row of the warpgroup skip the mask (the fast path, most of a long chunk); at most the
 window's leading blocks and the causal diagonal's trailing blocks are masked. Masked logits get a
 large finite negative (never ``inf - inf``): a real row always sees its own key in its last block,
@@ -50,15 +50,22 @@ and a row that sees no key at all (not real) averages the masked ones, finite.
 
 Items and output: items are sorted longest-first (their key range) so the long causal items do not
 form the tail; the grid is flat (item x head, heads fastest) so the CTAs of one item, which read
-the same K/V pages, run together. TMA stores cannot be masked per row, and an item's 64-row tile
-overlaps the neighbouring sequences' tokens. A tile padded out per item ([N_items * block_q, H, D],
-N_items ~ T / block_q + sequences) would cost ~285 MB for a 2048-token, 256-sequence mixed bucket
-at 32 heads x d128, so instead each warpgroup stores its whole 8-row chunks of real rows straight
-into out [T, H, D] (TMA boxes of 8 rows: the SMEM tile's row group), and an item's at most two
-partial chunks (its first, when it starts before its sequence; the one with its last real row)
-into its two 8-row chunks of a tail buffer [N_items * 16, H, D]; the wrapper picks those rows back
-(one gather + select). q is padded with ``block_q`` zero rows so a q box never runs past the
-array, and q and out to a multiple of 8 rows (Mosaic GPU tiles a TMA's whole GMEM array).
+the same K/V pages, run together. A warpgroup's 64-row tile overlaps the neighbouring sequences'
+tokens and a TMA store cannot be masked per row, so each warpgroup writes its output into an
+untiled SMEM tile (the memory of its q tile, a ``RefUnion``: wgmma needs q tiled and swizzled,
+and a store from tiled SMEM must start at a multiple of 8 rows) and stores exactly its real rows
+[lead, num_rows) straight into out [T, H * D]: n = num_rows - lead rows as one TMA box per set bit
+of n (64, 32, ..., 1 rows, at most 7 boxes; from untiled SMEM a box may start at any row). So
+the kernel's out is the result, reshaped for free: no per-item padded output (it would grow with
+the sequence count, ~285 MB for a 2048-token, 256-sequence bucket at 32 heads x d128) and no pass
+over out after the kernel. (Before, partial 8-row chunks went to a tail buffer that one gather +
+select over ALL of out picked back: 12-50 us a call at 2k-8k tokens on an H100, as much as the
+q pad below.) q goes in as [T, H * D] (a bitcast) when T % 8 == 0 and T >= 64, every
+engine bucket: a q box's rows past T are zero-filled by the TMA unit and are never real, and no
+box starts past T (only warpgroups with real rows load q, and their rows start below q_hi <= T).
+Otherwise q is padded to a multiple of 8 rows (Mosaic GPU tiles a TMA's whole GMEM array; lowering
+fails for a row count like 250) and at least 64; in interpret mode (which raises on a copy past
+the array's end) by ``block_q`` zero rows more.
 
 Interpret mode (``interpret=True``, the CPU tests): Mosaic GPU's interpreter runs the warpgroups as
 concurrent threads and simulates SMEM, TMA copies and every barrier, which it checks (a thread that
@@ -67,7 +74,8 @@ skips a phase, a barrier completing again before anyone saw the last completion,
 every grid point (~3 s each on the CPU), so the interpreter default is variant 1 (one inline
 thread) and variant 2 gets one small test. As in ``mosaic_attention.py``, two substitutions, both
 no-ops for the values: the matmuls run as jnp.dot on the same SMEM tiles (the 0.10.2 interpreter
-cannot run wgmma with a transposed B or an A in registers), and ``layout_cast`` is skipped. The
+cannot run wgmma with a transposed B or an A in registers), and ``layout_cast`` is skipped; and
+the q and output tiles are two buffers there (it has no rule for a ``RefUnion``'s views). The
 GPU's ``pl.run_state`` accumulation of P V into the running O (FA3's in-place accumulator) is thus
 exercised only by the CUDA lowering test, not by the interpreter.
 
@@ -98,19 +106,21 @@ _COMPUTE_REGISTERS = 232
 _PRODUCER_REGISTERS = 40
 _MOSAIC_EXTRA_SMEM = 2048 + 256
 # A TMA copy between GMEM and a tiled, swizzled SMEM tile moves whole (8, 64) tiles, so every row
-# offset of a q box or output store is a multiple of 8 (and says so, pl.multiple_of): items start
-# at rows that are multiples of ROW_ALIGN (``_prefill_items(..., align=ROW_ALIGN)``).
+# offset of a q box is a multiple of 8 (and says so, pl.multiple_of): items start at rows that are
+# multiples of ROW_ALIGN (``_prefill_items(..., align=ROW_ALIGN)``). Output stores come from an
+# untiled tile and need no alignment.
 ROW_ALIGN = _TILE_ROWS
-# Partial 8-row chunks an item stores through the tail buffer: its first (rows of the previous
-# sequence before its own) and the one with its last real row (rows of the next sequence after).
-_TAIL_CHUNKS = 2
+# Row counts of the output stores: a warpgroup's n real rows go out as one box per set bit of n.
+_STORE_ROWS = tuple(WGMMA_ROWS >> i for i in range(WGMMA_ROWS.bit_length()))
 
 
 # On the GPU since 2026-11-22 (JAX 0.11.2, H100): the aligned items above made it lower (it failed
 # with "prove the divisibility of index 0 using pl.multiple_of" while items started at any row);
 # benchmarks/kernels.py's correctness rows match the reference (bf16 rel. err. 1.8e-3, as Triton)
 # and it runs 2k/4k/8k causal chunks at 38/53/61% of the bf16 matmul rate by device busy time
-# (Triton 26/36/41%; results/2026-11-22-h100-kernels-prefill-mosaic.json).
+# (Triton 26/36/41%; results/2026-11-22-h100-kernels-prefill-mosaic.json). Of that busy time the q
+# pad and the tail pick-back took 24/49/97 us at 2k/4k/8k: both are gone since (output stores of
+# real rows only, no pad for T % 8 == 0), not yet measured on the GPU.
 
 
 def unsupported_reason(*, dtype, head_dim: int, page_size: int, block_keys: int) -> str | None:
@@ -188,19 +198,23 @@ def make_plan(*, dtype, head_dim: int, page_size: int, max_pages: int, block_key
     return p
 
 
-def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, tail_ref,
-                  *scratch, scale, soft_cap, sliding_window, page_size, pages_per_block,
-                  num_pages, num_kv_heads, num_heads, num_stages, compute_wgs, interpret):
+def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *scratch, scale,
+                  soft_cap, sliding_window, page_size, pages_per_block, num_pages, num_kv_heads,
+                  num_heads, num_stages, compute_wgs, interpret):
     specialised = compute_wgs > 1                # a producer warpgroup feeds the ring
+    # q_smem (tiled, swizzled: the wgmma operand) and o_smem (untiled: the output stores) share
+    # their memory on the GPU (a RefUnion: a warpgroup writes its output tile once every wgmma
+    # reading its q tile has completed).
     if specialised:
-        q_smem, k_smem, v_smem, table_smem, q_bar, k_bar, v_bar, table_bar, k_free, v_free = scratch
+        (q_smem, o_smem), k_smem, v_smem, table_smem, q_bar, k_bar, v_bar, table_bar, \
+            k_free, v_free = scratch
     else:
-        q_smem, k_smem, v_smem, table_smem, q_bar, k_bar, v_bar, table_bar = scratch
+        (q_smem, o_smem), k_smem, v_smem, table_smem, q_bar, k_bar, v_bar, table_bar = scratch
     work = lax.axis_index("work")
     item = work // num_heads                     # items are sorted longest-first
     head = work % num_heads
     wg = lax.axis_index("wg")                    # 0..compute_wgs-1 compute, compute_wgs producer
-    head_dim = k_ref.shape[-1]            # q_ref is [T + block_q, H * D]
+    head_dim = k_ref.shape[-1]            # q_ref is [T' >= T, H * D], o_ref [T, H * D]
     block_k = pages_per_block * page_size
     dtype = q_ref.dtype
     wgmma_layout, row_layout = register_layouts(interpret)
@@ -283,21 +297,27 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
         num_rows = jnp.clip(q_hi - rows_lo, 0, WGMMA_ROWS)
         lead = jnp.clip(real_lo - rows_lo, 0, WGMMA_ROWS)
         p0 = row0_pos + wg * WGMMA_ROWS                       # position of row 0
+        has_rows = num_rows > lead
         q_tile = q_smem.at[wg]
         cols = pl.ds(head * head_dim, head_dim)
-        # rows_lo + 64 <= q_lo + block_q < T + block_q: the box stays inside the padded q.
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(rows_lo, WGMMA_ROWS), cols], q_tile, q_bar.at[wg])
+        # Only a warpgroup with real rows loads its q box (one without does no math on it), so
+        # every box starts at a real row: rows_lo < q_hi <= T. Its rows past q's end (the GPU's
+        # q is not padded when T % 8 == 0) are zero-filled by the TMA unit; they are not real,
+        # and no real row's output depends on them (rows are independent).
+        @pl.when(has_rows)
+        def _load_q():
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(rows_lo, WGMMA_ROWS), cols], q_tile,
+                                    q_bar.at[wg])
         if not specialised:
             start_stream()
-        plgpu.barrier_wait(q_bar.at[wg])
+        pl.when(has_rows)(lambda: plgpu.barrier_wait(q_bar.at[wg]))
 
         # This warpgroup's blocks (absolute indices): [start, end) hold a key some real row
         # sees; [full_lo, full_hi) inside it is visible to every real row (no mask). Alone, the
-        # warpgroup's range is the item's. Only real rows count: the previous sequence's rows
-        # (positions p0..p0 + lead - 1, below 0 at a sequence's start) may see nothing in the
-        # masked blocks (every logit MASK_VALUE: p = 1, l > 0, finite) and see keys beyond their
-        # position in the unmasked ones; they are never stored.
-        has_rows = num_rows > lead
+        # warpgroup's range is the item's; without real rows it is empty. Only real rows count:
+        # the previous sequence's rows (positions p0..p0 + lead - 1, below 0 at a sequence's
+        # start) may see nothing in the masked blocks (every logit MASK_VALUE: p = 1, l > 0,
+        # finite) and see keys beyond their position in the unmasked ones; they are never stored.
         first_real = p0 + lead                                # position of the first real row
         end = jnp.where(has_rows, (p0 + num_rows + block_k - 1) // block_k, first_block)
         if sliding_window is None:
@@ -382,28 +402,22 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
         def _store():
             # l > 0 for every real row: its own key lies in its last block.
             out = acc / lax.broadcast_in_dim(l, acc.shape, [0])
-            q_tile[...] = out.astype(dtype)       # every wgmma reading q_tile has completed
+            o_tile = o_smem.at[wg]                # q_tile's memory on the GPU: every wgmma
+            o_tile[...] = out.astype(dtype)       # reading q_tile has completed
             plgpu.commit_smem()
-            # Whole 8-row chunks of real rows go straight to their tokens' rows. A chunk that
-            # also holds another sequence's rows (the first chunk of a sequence's first item,
-            # the chunk after its last real row) would overwrite them, so it goes to one of the
-            # item's two tail chunks: 0 for the item's first chunk, 1 for any later one (only
-            # the chunk with the item's last real row can be partial there).
-            for j in range(WGMMA_ROWS // _TILE_ROWS):
-                lo = j * _TILE_ROWS
-                chunk = q_tile.at[pl.ds(lo, _TILE_ROWS)]
-                whole = (lo >= lead) & (lo + _TILE_ROWS <= num_rows)
+            # Only the real rows [lead, num_rows) go out, straight to their tokens' rows of out:
+            # the tile's other rows are neighbouring sequences' tokens, and a TMA store cannot be
+            # masked per row. From the untiled tile a box may start at any row (a row is D x 2
+            # bytes, a multiple of the 128 that a TMA's SMEM address needs), so the n real rows
+            # go as one box per set bit of n (64, 32, ..., 1 rows; at most 7 boxes).
+            n = num_rows - lead
+            for size in _STORE_ROWS:
+                lo = lead + (n & -(2 * size))         # the rows of the larger set bits come first
 
-                @pl.when(whole)
-                def _whole():
-                    row = pl.multiple_of(rows_lo + lo, ROW_ALIGN)
-                    plgpu.copy_smem_to_gmem(chunk, o_ref.at[pl.ds(row, _TILE_ROWS), cols])
-
-                @pl.when(~whole & (lo < num_rows) & (lo + _TILE_ROWS > lead))
-                def _partial():
-                    slot = jnp.minimum(wg + j, 1)
-                    row = pl.multiple_of((item * _TAIL_CHUNKS + slot) * _TILE_ROWS, ROW_ALIGN)
-                    plgpu.copy_smem_to_gmem(chunk, tail_ref.at[pl.ds(row, _TILE_ROWS), cols])
+                @pl.when((n & size) != 0)
+                def _rows():
+                    plgpu.copy_smem_to_gmem(o_tile.at[pl.ds(lo, size)],
+                                            o_ref.at[pl.ds(rows_lo + lo, size), cols])
             plgpu.wait_smem_to_gmem(0)
 
     if specialised:
@@ -422,7 +436,8 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
     here; on the GPU every q_lo MUST be a multiple of 8, which the kernel asserts to the compiler
     unchecked); item_tables [N, max_pages] (each item's sequence's block table, null-page padded).
     ``interpret``: False (GPU), True (``interpret_params()``) or interpret params.
-    Returns [T, H, D] in q's dtype (rows of tokens outside every item are unspecified).
+    Returns [T, H, D] in q's dtype: the kernel writes exactly the items' real rows [real_lo,
+    q_hi); rows of tokens outside every item are unspecified (never written).
     """
     t, h, d = q.shape
     num_layers, hkv, num_pages, page_size, _ = k_cache.shape
@@ -446,21 +461,35 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
     order = jnp.argsort(jnp.where(valid, -items[:, 3], 1), stable=True)
     tables = jnp.pad(item_tables.astype(jnp.int32), ((0, 0), (0, rows * cols - max_pages)))
     tables = tables[order].reshape(n, rows, cols)
-    # Boxes never run past the end (block_q zero rows after the tokens). Heads are folded into
-    # columns ([T, H * D], a bitcast): a box of one head is then a 2-D [64, D] tile at column
-    # head * D. (JAX 0.11.2's Mosaic GPU layout inference fails an assertion on a TMA box with a
-    # squeezed middle dimension, [64, -1, D].) Mosaic GPU tiles the whole GMEM array of a TMA
-    # into tiled SMEM, so q's and out's row counts are rounded up to multiples of 8 too.
+    # Heads are folded into columns ([T, H * D], a bitcast): a box of one head is then a 2-D
+    # [64, D] tile at column head * D. (JAX 0.11.2's Mosaic GPU layout inference fails an
+    # assertion on a TMA box with a squeezed middle dimension, [64, -1, D].)
+    # q rows: Mosaic GPU tiles the whole GMEM array of a TMA into tiled SMEM, so q's row count
+    # must be a multiple of 8 (lowering fails otherwise), and a 64-row box must fit in it. On
+    # the GPU that is all: a box's rows past the end read as zeros (TMA fills them), so for
+    # every engine bucket (T % 8 == 0, T >= 64) q goes in as it is, with no copy. The
+    # interpreter raises on a copy past the end, so there q gets block_q zero rows more.
+    interpreting = interpret is not False and interpret is not None
     t8 = -(-t // _TILE_ROWS) * _TILE_ROWS
-    q_padded = jnp.pad(q, ((0, t8 - t + block_q), (0, 0), (0, 0))).reshape(t8 + block_q, h * d)
+    q_rows = t8 + block_q if interpreting else max(t8, WGMMA_ROWS)
+    q_rows_major = q.reshape(t, h * d)
+    if q_rows > t:
+        q_rows_major = jnp.pad(q_rows_major, ((0, q_rows - t), (0, 0)))
     flat = (num_layers * hkv * num_pages, page_size, d)          # a bitcast of the caches
 
     tiled = (plgpu.TilingTransform((_TILE_ROWS, _SWIZZLE // q.dtype.itemsize)),
              plgpu.SwizzleTransform(_SWIZZLE))
     block_k = ppb * page_size
     stages = plan.num_stages
+    tile_shape = (plan.compute_wgs, WGMMA_ROWS, d)
+    # A warpgroup's q tile (tiled, swizzled for wgmma) and, once its last wgmma completed, its
+    # output tile (untiled, so that a store may start at any row) in the same memory (no SMEM
+    # added). JAX 0.10.2's interpreter cannot run a RefUnion's aliased views (no rule for
+    # ExtractAliasedRef), so there they are two buffers; the kernel's accesses are the same.
+    q_and_out_tiles = (plgpu.SMEM(tile_shape, q.dtype, transforms=tiled),
+                       plgpu.SMEM(tile_shape, q.dtype))
     scratch = [
-        plgpu.SMEM((plan.compute_wgs, WGMMA_ROWS, d), q.dtype, transforms=tiled),  # q / out
+        q_and_out_tiles if interpreting else plgpu.RefUnion(*q_and_out_tiles),
         plgpu.SMEM((stages, block_k, d), q.dtype, transforms=tiled),               # K ring
         plgpu.SMEM((stages, block_k, d), q.dtype, transforms=tiled),               # V ring
         plgpu.SMEM((rows, cols), jnp.int32),                                       # item's pages
@@ -471,16 +500,16 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
     ]
     if plan.compute_wgs > 1:    # the producer refills a slot once every compute warpgroup freed it
         scratch += [plgpu.Barrier(num_arrivals=plan.compute_wgs, num_barriers=stages)] * 2
-    interpreting = interpret is not False and interpret is not None
     body = functools.partial(
         _prefill_body, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
         page_size=page_size, pages_per_block=ppb, num_pages=num_pages, num_kv_heads=hkv,
         num_heads=h, num_stages=stages, compute_wgs=plan.compute_wgs, interpret=interpreting)
     body.__name__ = "jaxllm_ragged_prefill_mosaic"   # the kernel's name in profiles
-    out, tail = plgpu.kernel(
+    # The kernel stores every real row itself and nothing else: out is [T, H * D] (any T, the
+    # stores' SMEM is untiled), and its reshape to [T, H, D] is a bitcast.
+    out = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((t8, h * d), q.dtype),
-                  jax.ShapeDtypeStruct((n * _TAIL_CHUNKS * _TILE_ROWS, h * d), q.dtype)),
+        out_type=jax.ShapeDtypeStruct((t, h * d), q.dtype),
         scratch_types=scratch,
         grid=(n * h,),
         grid_names=("work",),
@@ -488,21 +517,6 @@ def prefill_call(q, k_cache, v_cache, layer_arr, items, item_tables, *, scale, s
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=(interpret_params() if interpret is True else interpret or None),
-    )(layer_arr, items[order], tables, q_padded, k_cache.reshape(flat), v_cache.reshape(flat))
-
-    # The rows of an item's partial 8-row chunks are in its tail chunks. Token t -> its item (the
-    # real rows [real_lo, q_hi) of the valid items tile [0, query_start_loc[-1]) in order: the
-    # first item ending after t), its row and 8-row chunk there (warpgroups split the item at a
-    # multiple of 8), and the item's place in the sorted order.
-    ends = jnp.where(valid, items[:, 1], jnp.iinfo(jnp.int32).max)
-    tok = jnp.arange(t, dtype=jnp.int32)
-    owner = jnp.minimum(jnp.searchsorted(ends, tok, side="right"), n - 1)
-    q_lo, q_hi, real_lo = items[owner, 0], items[owner, 1], items[owner, 5]
-    row = jnp.clip(tok - q_lo, 0, block_q - 1)
-    chunk_lo = q_lo + row // _TILE_ROWS * _TILE_ROWS
-    whole = (chunk_lo >= real_lo) & (chunk_lo + _TILE_ROWS <= q_hi)
-    sorted_pos = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    slot = jnp.minimum(row // _TILE_ROWS, 1)
-    tail_row = (sorted_pos[owner] * _TAIL_CHUNKS + slot) * _TILE_ROWS + row % _TILE_ROWS
-    out, tail = out[:t].reshape(t, h, d), tail.reshape(-1, h, d)
-    return jnp.where(whole[:, None, None], out, tail[tail_row])
+    )(layer_arr, items[order], tables, q_rows_major, k_cache.reshape(flat),
+      v_cache.reshape(flat))
+    return out.reshape(t, h, d)

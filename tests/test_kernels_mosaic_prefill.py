@@ -4,9 +4,10 @@
 of ``pallas_kernels/mosaic_prefill.py`` in Mosaic GPU's CPU interpreter (SMEM, TMA page copies,
 ring barriers and the output tiles simulated; the two matmuls as jnp.dot on the same SMEM tiles).
 Every output buffer and SMEM scratch starts as NaN, and cache slots no valid key occupies hold
-large random values (pallas_kernels/testing.py), so an unwritten row, a wrong pick of a
-item's partial 8-row chunks from the tail buffer, or a masked key that leaks into the softmax
-(e.g. a block wrongly taking the unmasked fast path) fails the per-token comparison.
+large random values (pallas_kernels/testing.py), so an unwritten row, a store of the wrong rows
+(the kernel stores each item's real rows itself, in boxes of 1 to 64 rows), or a masked key that
+leaks into the softmax (e.g. a block wrongly taking the unmasked fast path) fails the per-token
+comparison; ``test_stores_only_real_rows`` checks that no other row is written.
 
 The interpreter default is one compute warpgroup (64 query rows, inline: fast on the CPU); the
 GPU default, two compute warpgroups fed by a producer warpgroup, runs as three interpreter threads
@@ -14,13 +15,16 @@ whose jaxprs compile per grid point (seconds each), so it gets one small case th
 its protocol: a warpgroup skipping the item's leading (window) and trailing (causal) blocks, an
 empty warpgroup, an empty item, an item starting before its sequence. ``test_lowers_for_cuda``
 lowers both variants for CUDA, also through Mosaic GPU's layout inference, which failed on the
-GPU (JAX 0.11.2) while items started at rows that are not multiples of 8.
+GPU (JAX 0.11.2) while items started at rows that are not multiples of 8;
+``test_no_copies_of_q_or_out_around_the_kernel`` checks that XLA gets no pass over q or out
+around the kernel (for T % 8 == 0).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import re
 
 import jax
 import jax.experimental.mosaic.gpu as mgpu
@@ -150,23 +154,49 @@ def test_two_compute_warpgroups_with_producer():
            sliding_window=100)
 
 
+def _call_kernel(batch, interpret, keep_seq=None):
+    """``prefill_call`` itself (one warpgroup, 64-key blocks, 2 stages, scale 1/8, no window or
+    cap), with the items of the sequences where ``keep_seq(seq)`` is False made empty."""
+    q, k, v, layer, md = _args(batch)
+    plan = mosaic_prefill.make_plan(dtype=q.dtype, head_dim=q.shape[-1], page_size=k.shape[3],
+                                    max_pages=md.block_tables.shape[1], block_keys=64,
+                                    num_stages=2, compute_wgs=1, smem_limit=227 * 1024)
+    items, seq = _prefill_items(md, q.shape[0], plan.block_q, None,
+                                align=mosaic_prefill.ROW_ALIGN)
+    if keep_seq is not None:
+        items = jnp.where(keep_seq(seq)[:, None], items, 0)
+    return mosaic_prefill.prefill_call(
+        q, k, v, jnp.reshape(layer, (1,)), items, md.block_tables[seq], scale=0.125,
+        soft_cap=None, sliding_window=None, plan=plan, interpret=interpret)
+
+
 def test_ring_protocol_has_no_races():
     # Every SMEM read of a ring slot must be ordered after the barrier wait of the TMA copies that
     # filled it (vector clocks, one per copy); a dropped barrier_wait fails here.
     batch = _batch(5, [(190, 100), (7, 7)], group=2, kv_heads=1, head_dim=64, page=16,
                    dtype=jnp.bfloat16)
-    q, k, v, layer, md = _args(batch)
-    plan = mosaic_prefill.make_plan(dtype=jnp.bfloat16, head_dim=64, page_size=16,
-                                    max_pages=md.block_tables.shape[1], block_keys=64,
-                                    num_stages=2, compute_wgs=1, smem_limit=227 * 1024)
-    items, seq = _prefill_items(md, q.shape[0], plan.block_q, None,
-                                align=mosaic_prefill.ROW_ALIGN)
-    out = mosaic_prefill.prefill_call(
-        q, k, v, jnp.reshape(layer, (1,)), items, md.block_tables[seq], scale=0.125,
-        soft_cap=None, sliding_window=None, plan=plan,
-        interpret=mosaic_attention.interpret_params(detect_races=True))
+    out = _call_kernel(batch, mosaic_attention.interpret_params(detect_races=True))
     assert not mosaic_attention.races_detected()
     _check(batch, out, 107, jnp.bfloat16)
+
+
+def test_stores_only_real_rows():
+    # The kernel writes each item's real rows and nothing else (no box of 8 rows that spills into
+    # a neighbour): with the items of every other sequence left out (made empty), those
+    # sequences' rows and the bucket padding stay as the interpreter poisoned them (NaN), while
+    # the rows around them, in the same 8-row chunks and 64-row tiles, match the reference.
+    batch = _batch(11, UNALIGNED_SEQS, group=2, kv_heads=1, head_dim=64, page=16,
+                   dtype=jnp.bfloat16, pad_tokens=3)
+    out = np.asarray(_call_kernel(batch, True, keep_seq=lambda seq: seq % 2 == 0), np.float64)
+    ref = np.asarray(paged_attention_reference(*_args(batch), scale=0.125), np.float64)
+    qsl = np.asarray(batch.metadata().query_start_loc)
+    kept = np.zeros(out.shape[0], bool)
+    for s in range(0, len(UNALIGNED_SEQS), 2):
+        kept[qsl[s]:qsl[s + 1]] = True
+    assert np.isnan(out[~kept]).all(), f"rows {np.flatnonzero(~np.isnan(out[~kept]).all((1, 2)))}"
+    err = np.linalg.norm(out[kept] - ref[kept], axis=(1, 2)) / np.linalg.norm(ref[kept],
+                                                                            axis=(1, 2))
+    assert err.max() <= TOL[jnp.bfloat16], f"relative error {err.max():.3g}"
 
 
 def test_matches_triton_kernel_with_cache_write():
@@ -230,7 +260,8 @@ def test_lowers_for_cuda(monkeypatch, compute_wgs, head_dim, soft_cap, sliding_w
                          inference):
     # Lowering to Mosaic GPU runs without a GPU and checks TMA boxes, wgmma operand shapes and
     # swizzles, register layouts and the warpgroup split; PTX compilation and running need one.
-    # 250 tokens: a TMA array's rows must be a multiple of 8 (the wrapper pads them).
+    # 250 tokens: q's rows must be a multiple of 8 for its tiled TMA boxes (the wrapper pads
+    # q; out keeps 250 rows: its stores come from untiled SMEM); 256: q goes in unpadded.
     # inference: JAX 0.11.2 on the GPU ran Mosaic GPU's layout inference on this kernel, which
     # must prove every TMA row offset into tiled SMEM a multiple of 8 (pl.multiple_of); 0.10.2
     # runs it only under Warpgroup lowering semantics, where it fails the same way without them.
@@ -251,3 +282,29 @@ def test_lowers_for_cuda(monkeypatch, compute_wgs, head_dim, soft_cap, sliding_w
         interpret=False))
     text = export.export(fn, platforms=["cuda"])(*args).mlir_module()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("t,pads", [(256, 0), (64, 0), (250, 1), (32, 1)])
+def test_no_copies_of_q_or_out_around_the_kernel(t, pads):
+    # What XLA runs around the kernel on the GPU (paged_attention lowered for CUDA): for an
+    # engine bucket (T % 8 == 0, T >= 64) q goes into the kernel and out comes back by reshapes
+    # only (no pad of q, no slice, gather or select over out); otherwise q gets one pad (to a
+    # multiple of 8 rows, and at least one 64-row box). Every op on a bf16 array is checked (the
+    # caches are bf16 too; bf16 scalars are not arrays), in the StableHLO that XLA compiles.
+    h, hkv, d, page, pages, s = 8, 2, 128, 16, 64, 4
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    md = AttentionMetadata(positions=i32(t), token_seq_ids=i32(t), slot_mapping=i32(t),
+                           block_tables=i32(s, pages), seq_lens=i32(s),
+                           query_start_loc=i32(s + 1))
+    cache = jax.ShapeDtypeStruct((2, hkv, 300, page, d), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v, layer, md: paged_attention(
+        q, k, v, layer, md, scale=d ** -0.5, kernel="mosaic", interpret=False))
+    text = export.export(fn, platforms=["cuda"])(
+        jax.ShapeDtypeStruct((t, h, d), jnp.bfloat16), cache, cache, i32(), md).mlir_module()
+    ops = [re.search(r"= (\"?[\w.]+)", line).group(1).strip('"')
+           for line in text.splitlines()
+           if re.search(r"tensor<\d[\dx]*xbf16>", line) and re.search(r"%\S+ = ", line)]
+    assert ops.count("stablehlo.custom_call") == 1 and "mosaic_gpu" in text
+    others = [op for op in ops if op not in ("stablehlo.reshape", "stablehlo.custom_call", "call",
+                                             "func.call")]
+    assert others == ["stablehlo.pad"] * pads, others
