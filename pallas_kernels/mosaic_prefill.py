@@ -120,7 +120,8 @@ _STORE_ROWS = tuple(WGMMA_ROWS >> i for i in range(WGMMA_ROWS.bit_length()))
 # and it runs 2k/4k/8k causal chunks at 38/53/61% of the bf16 matmul rate by device busy time
 # (Triton 26/36/41%; results/2026-11-22-h100-kernels-prefill-mosaic.json). Of that busy time the q
 # pad and the tail pick-back took 24/49/97 us at 2k/4k/8k: both are gone since (output stores of
-# real rows only, no pad for T % 8 == 0), not yet measured on the GPU.
+# real rows only, no pad for T % 8 == 0): on an H200 the op is then 84/279/1100 us a call busy,
+# 56/67/68% of the matmul rate (results/2026-11-22-h200-kernels-prefill-mosaic.json, 22cfd7f).
 
 
 def unsupported_reason(*, dtype, head_dim: int, page_size: int, block_keys: int) -> str | None:

@@ -132,10 +132,11 @@ class MosaicPrefillTuning:
                               # warpgroup (FA3); 1: one warpgroup (64 rows) issuing its own copies
 
 
-# UNTUNED until measured on a GPU: FA3's H100 configuration in JAX's attention_mgpu (2 x 64 query
-# rows, 128-key blocks, 2 stages: ~163 KiB of shared memory at d128 bf16, one CTA an SM). The
-# alternative to sweep: one warpgroup (block_q=64) with 64-key blocks (pages_per_block=64 //
-# page_size) in 2 stages (~83 KiB: two CTAs an SM) or 3 (~115 KiB: two may not fit in 228 KiB).
+# Measured on an H100 (7ef33e1) and an H200 (22cfd7f), JAX 0.11.2, 2k/4k/8k causal chunks, 32 q / 8
+# kv heads, d128, bf16, page 16 (results/2026-11-22-{h100,h200}-kernels-prefill-mosaic.json, busy):
+# FA3's split (two compute warpgroups x 64 rows + a producer, 128-key blocks, 2 stages, ~163 KiB
+# of SMEM: one CTA an SM) was the best or within noise of it everywhere (H200: 56/67/68% of the
+# matmul rate). 64-key blocks lost 2-4 points (3 stages no better), one warpgroup (block_q 64) 9-39.
 _MOSAIC_PREFILL_TUNING = {
     "default": MosaicPrefillTuning(block_keys=128, num_stages=2, compute_wgs=2),
 }
