@@ -245,8 +245,9 @@ def decode_pallas_call(q_grouped, k_cache, v_cache, layer_arr, kv_lens, token_bl
 def _prefill_body(layer_ref, item_ref, block_table_ref, positions_ref, q_ref, k_ref, v_ref,
                   o_ref, *, scale, soft_cap, sliding_window, pages_per_block, page_size,
                   block_q, precision):
-    # grid = (item, kv_head). item_ref: [8] = (q_lo, q_hi, kv_lo, kv_hi, kv_full, 0, 0, 0);
-    # q/o: whole [T+bq, Hkv, Gp, D]. Keys in [kv_lo, kv_full) are visible to every row.
+    # grid = (item, kv_head). item_ref: [8] = (q_lo, q_hi, kv_lo, kv_hi, kv_full, real_lo, 0, 0)
+    # from _prefill_items with align=1, so real_lo == q_lo (unused here); q/o: whole
+    # [T+bq, Hkv, Gp, D]. Keys in [kv_lo, kv_full) are visible to every row.
     kv_head = pl.program_id(1)
     layer = layer_ref[0]
     q_lo = item_ref[0]
