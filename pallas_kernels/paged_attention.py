@@ -19,15 +19,16 @@ decode step (no separate scatter kernel per layer), by ``write_kv`` before the k
 The fused write needs the hint to hold: a second token of one sequence in the same step would not
 see the first one's key, which is written during the kernel, not before it.
 
-Which lowering runs: the Triton-lowered Pallas kernels in ``triton_attention.py`` by default, on
-every CUDA GPU including Hopper (and in interpret mode on the CPU, ``interpret=True``, which the
-tests use). ``kernel="mosaic"`` selects the Mosaic GPU (Hopper, sm_90) kernels (TMA page copies
+Which lowering runs: the Triton-lowered Pallas kernels in ``triton_attention.py`` by default
+(``kernel="triton"``), on every CUDA GPU (and in interpret mode on the CPU, ``interpret=True``,
+which the tests use). ``kernel="mosaic"`` selects the Mosaic GPU (Hopper, sm_90) kernels (TMA page copies
 into a multi-stage SMEM ring, wgmma; ``interpret=True`` runs them in Mosaic GPU's interpreter):
 decode in ``mosaic_attention.py``, prefill/mixed batches in ``mosaic_prefill.py``. Shapes they do
 not support (fp32, head_dim not a multiple of 64, more than 64 query heads per kv head for decode,
 page sizes not a multiple of 8, or no ring that fits shared memory) run the Triton kernels, with a
-one-time log line. The default stays Triton until ``benchmarks/kernels.py`` has measured the
-Mosaic kernels on H100/H200.
+one-time log line. ``kernel="auto"`` (the engine's default ``pallas`` backend) picks per call
+shape and GPU (``auto_kernel``): the Mosaic kernels where benchmarks/kernels.py and whole engine
+steps measured them faster on H100/H200, Triton elsewhere.
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ KERNELS = ("auto", "triton", "mosaic")
 _AUTO_MOSAIC_DECODE_MIN_PROGRAMS = {"H200": 128, "H100": 128}
 # Prefill and mixed calls: the Mosaic prefill kernel when the bucket has at least this many query
 # tokens per sequence slot, i.e. the buckets of one sequence (a prompt prefilling alone: 512 or 2048
-# tokens, 1 sequence), Triton otherwise. The Mosaic kernel runs 2k-8k causal chunks 1.4-1.5x faster
-# (H100: 38/53/61% of the matmul rate against 26/36/41%, results/2026-11-22-h100-kernels-prefill-
+# tokens, 1 sequence), Triton otherwise. The Mosaic kernel runs 2k-8k causal chunks 1.6-2x faster
+# (H200: 56/67/68% of the matmul rate against 28/38/43%, results/2026-11-22-h200-kernels-prefill-
 # mosaic.json), but a CTA owns 128 query rows of ONE q head, where a Triton program owns 32 tokens
 # x the 4 q heads of one kv head: a decode token in a mixed batch costs it 2-4x Triton's work and
 # reads its K/V once per q head. Mixed buckets of many sequences stay on Triton until measured.
