@@ -21,8 +21,9 @@ see the first one's key, which is written during the kernel, not before it.
 
 Which lowering runs: the Triton-lowered Pallas kernels in ``triton_attention.py`` by default
 (``kernel="triton"``), on every CUDA GPU (and in interpret mode on the CPU, ``interpret=True``,
-which the tests use). ``kernel="mosaic"`` selects the Mosaic GPU (Hopper, sm_90) kernels (TMA page copies
-into a multi-stage SMEM ring, wgmma; ``interpret=True`` runs them in Mosaic GPU's interpreter):
+which the tests use). ``kernel="mosaic"`` selects the Mosaic GPU (Hopper, sm_90) kernels (TMA
+page copies into a multi-stage SMEM ring, wgmma; ``interpret=True`` runs them in Mosaic GPU's
+interpreter):
 decode in ``mosaic_attention.py``, prefill/mixed batches in ``mosaic_prefill.py``. Shapes they do
 not support (fp32, head_dim not a multiple of 64, more than 64 query heads per kv head for decode,
 page sizes not a multiple of 8, or no ring that fits shared memory) run the Triton kernels, with a
@@ -150,7 +151,8 @@ KERNELS = ("auto", "triton", "mosaic")
 # kernel="auto" (the engine's "pallas" backend) on a Hopper GPU: a decode call whose grid has at
 # least this many (token x kv head) programs runs the Mosaic decode kernel, a smaller one the Triton
 # kernel, whose fused K/V write saves the separate scatter the Mosaic path needs. The shard-local
-# wrap (sharding/attention.py) calls the kernel with its own heads: under TP the count is per device.
+# wrap (sharding/attention.py) calls the kernel with its own heads: under TP the count is per
+# device.
 # Measured on the 8B shape (8 kv heads), ctx 512, whole engine steps, one process per backend
 # (gpu_itl_variants.sh; step ms, pallas-triton -> auto, same check tokens):
 #   H100, 2026-11-22 (results/2026-11-22-h100-decode-profile-{T-triton,A-auto}*.json):
