@@ -393,10 +393,9 @@ def bench_prefill(chunk, mm_rate, budget, tune, interpret=False, profile=False):
             row[name] = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
 
     variants = dict(PREFILL_VARIANTS if "triton" in tune else {"pallas_triton": {}})
-    mosaic_runs = not interpret
-    if mosaic_runs:
+    if not interpret:
         variants["pallas_mosaic"] = dict(kernel="mosaic")
-    if "mosaic" in tune and mosaic_runs:
+    if "mosaic" in tune and not interpret:
         # block_q 128 = two compute warpgroups fed by a producer warpgroup, 64 = one; 64- or
         # 128-key blocks; 2-3 stages (plans that do not fit shared memory shrink the ring).
         for bq, ppb, ns in ((128, 8, 2), (128, 4, 2), (128, 4, 3), (64, 8, 2), (64, 4, 2),

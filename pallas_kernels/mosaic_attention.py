@@ -148,6 +148,18 @@ def qk_logits(q_tile, k_tile, *, interpret: bool):
     return pl.run_scoped(qk, plgpu.ACC((WGMMA_ROWS, k_tile.shape[0]), jnp.float32))
 
 
+def online_softmax_step(s, m, l, acc):
+    """One block of the online softmax in the log2 domain: s [64, block_k] f32 logits (masked keys
+    at MASK_VALUE), running row max m and sum l [64], accumulator acc [64, D] -> (p, m, l, acc) with
+    p = exp2(s - new max) for the P V matmul and l, acc rescaled to the new max."""
+    m_new = jnp.maximum(m, s.max(axis=1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    l = l * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    return p, m_new, l, acc
+
+
 def _decode_body(layer_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, scale, soft_cap,
                  sliding_window, page_size, pages_per_block, pages_per_split, num_pages,
                  num_kv_heads, num_stages, multi, interpret):
@@ -236,11 +248,7 @@ def _decode_body(layer_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, s
         key_pos = split_lo + block * block_k + wgmma_layout(
             lax.broadcasted_iota(jnp.int32, (WGMMA_ROWS, block_k), 1))
         s = jnp.where((key_pos >= lo) & (key_pos < hi), s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        p, m_new, l, acc = online_softmax_step(s, m, l, acc)
         plgpu.barrier_wait(v_bar.at[slot])
 
         acc = acc + pv_matmul(p.astype(dtype), slot)  # the V slot is free after

@@ -97,8 +97,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_attention import (
     _LOG2E, _SWIZZLE, _TILE_ROWS, BLOCK_KEYS_MULTIPLE, MASK_VALUE, MAX_BLOCK_KEYS,
-    SUPPORTED_DTYPES, WGMMA_ROWS, interpret_params, qk_logits, register_layouts,
-    table_layout)
+    SUPPORTED_DTYPES, WGMMA_ROWS, interpret_params, online_softmax_step, qk_logits,
+    register_layouts, table_layout)
 
 MAX_HEAD_DIM = 256       # a TMA box dimension and the P V wgmma's N are at most 256
 # Register split of a 3-warpgroup CTA (FA3's): 2 x 128 x 232 + 128 x 40 <= 64 Ki registers.
@@ -368,11 +368,7 @@ def _prefill_body(layer_ref, items_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, 
                 if sliding_window is not None:
                     visible &= diff > rel - sliding_window
                 s = jnp.where(visible, s, MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p, m_new, l, acc = online_softmax_step(s, m, l, acc)
             plgpu.barrier_wait(v_bar.at[slot])
             acc = pv_matmul(acc, p.astype(dtype), slot)
             release(v_ref, v_smem, v_bar, v_free if specialised else None, i, slot)

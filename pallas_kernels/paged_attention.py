@@ -161,7 +161,8 @@ KERNELS = ("auto", "triton", "mosaic")
 #     5.796. Below 128 the kernel alone loses: 8 x 512 runs at 13% of copy on Mosaic against 27%
 #     on Triton (-kernels-decode-write.json), a grid of 64 CTAs on 132 SMs.
 #   H200, 2026-11-22: batch 64 pallas-mosaic 6.789 vs Triton 7.193; batch 1 Triton 4.378 vs 4.434.
-_AUTO_MOSAIC_DECODE_MIN_PROGRAMS = {"H200": 128, "H100": 128}
+# "default" (every other GPU, and the interpreter): never Mosaic.
+_AUTO_MOSAIC_DECODE_MIN_PROGRAMS = {"H200": 128, "H100": 128, "default": None}
 # Prefill and mixed calls: the Mosaic prefill kernel when the bucket has at least this many query
 # tokens per sequence slot, i.e. the buckets of one sequence (a prompt prefilling alone: 512 or 2048
 # tokens, 1 sequence), Triton otherwise. The Mosaic kernel runs 2k-8k causal chunks 1.6-2x faster
@@ -169,7 +170,7 @@ _AUTO_MOSAIC_DECODE_MIN_PROGRAMS = {"H200": 128, "H100": 128}
 # mosaic.json), but a CTA owns 128 query rows of ONE q head, where a Triton program owns 32 tokens
 # x the 4 q heads of one kv head: a decode token in a mixed batch costs it 2-4x Triton's work and
 # reads its K/V once per q head. Mixed buckets of many sequences stay on Triton until measured.
-_AUTO_MOSAIC_PREFILL_MIN_TOKENS_PER_SEQ = {"H200": 256, "H100": 256}
+_AUTO_MOSAIC_PREFILL_MIN_TOKENS_PER_SEQ = {"H200": 256, "H100": 256, "default": None}
 # Small enough for the CPU interpreter: fewer, smaller blocks keep the tests fast.
 _INTERPRET_DECODE = DecodeTuning(pages_per_block=2, target_programs=1, min_pages_per_split=1,
                                  num_warps=4, num_stages=1)
@@ -478,9 +479,9 @@ def auto_kernel(device_kind: str, *, decode: bool, num_tokens: int, num_kv_heads
                 num_seqs: int) -> str:
     """The kernel ``kernel="auto"`` runs for a call of this shape on this device (see
     ``_AUTO_MOSAIC_DECODE_MIN_PROGRAMS`` and ``_AUTO_MOSAIC_PREFILL_MIN_TOKENS_PER_SEQ``; devices
-    absent from them, and ``"interpret"`` (the CPU tests), run Triton)."""
+    they do not name, and ``"interpret"`` (the CPU tests), run Triton)."""
     table = _AUTO_MOSAIC_DECODE_MIN_PROGRAMS if decode else _AUTO_MOSAIC_PREFILL_MIN_TOKENS_PER_SEQ
-    threshold = next((v for k, v in table.items() if k.lower() in device_kind.lower()), None)
+    threshold = _lookup(table, device_kind)
     size = num_tokens * num_kv_heads if decode else num_tokens // max(1, num_seqs)
     return "mosaic" if threshold is not None and size >= threshold else "triton"
 
