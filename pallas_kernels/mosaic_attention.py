@@ -1,9 +1,11 @@
 """Mosaic GPU (Hopper) paged-attention decode kernel: TMA page copies into a multi-stage SMEM ring.
 
 Layers 1 and 2 of DESIGN.md rule 7 (kernel body and ``plgpu.kernel`` wrapper); validation, tuning
-defaults and dispatch are in ``paged_attention.py`` (``kernel="mosaic"``). ``decode_call`` has
-the contract of ``triton_attention.decode_pallas_call`` (grouped q, whole caches, traced layer,
-kv_lens, per-token block tables), with the key split given as ``pages_per_split``.
+defaults and dispatch are in ``paged_attention.py`` (``kernel="mosaic"``). ``decode_call`` takes
+q as [T, Hkv, G, D] (a bitcast of [T, H, D]), the whole caches, the traced layer, and the
+metadata as it is (positions, per-sequence block tables, token_seq_ids), with the key split
+given as ``pages_per_split``; it returns [T, Hkv, G, D]. XLA runs no op on q, out or the
+per-token metadata around it (one split).
 
 Why: the Triton decode kernel loads each K/V block with no software pipelining (``num_stages=1``
 was its best configuration) and reaches 30-70% of the copy bandwidth. Here every CTA (one
@@ -18,9 +20,17 @@ pages gathered through the block table: each page is a ``[page_size, D]`` TMA co
 ``j * page_size`` of the slot, and the slot's barrier expects ``pages_per_block`` arrivals.
 
 wgmma needs 64 query rows and a contraction of 64 (128-byte swizzle): the query group (G heads
-sharing a kv head, padded to a multiple of 8 rows in HBM) is copied into rows 0..Gq-1 of a zeroed
-``[64, D]`` SMEM tile, and a block holds a multiple of 64 keys. The padded rows cost tensor-core
-time only; decode is bandwidth-bound.
+sharing a kv head, rows [i * G, i * G + G) of q as [T * H, D] for pair i = token * Hkv + kv_head)
+comes in with the 8-row aligned box around it (``q_box_rows``: a TMA into a tiled tile moves
+whole 8-row tiles) into a zeroed ``[64, D]`` SMEM tile, where it sits at row lead = i * G % 8;
+the box's other rows are neighbouring groups' queries, computed and never stored (rows are
+independent). A block holds a multiple of 64 keys. The extra rows cost tensor-core time only;
+decode is bandwidth-bound. The output leaves from an untiled SMEM tile (aliasing the q tile,
+``plgpu.RefUnion``), where a TMA box may start at any row: one box of the G real rows straight
+into out [T * H, D], so neither a pad of q to 8-row groups nor a slice of out runs in XLA (they
+cost 1.9 + 1.9 us of 73 us at batch 32 x 2k on an H200). With key splits the f32 partial o rows
+go out the same way; lse goes out as the whole box (4-byte rows: a box from row lead would be
+misaligned) and the combine picks each group's rows.
 
 Cache layout: the wrapper flattens the caches to ``[L * Hkv * P, page, D]`` (a free reshape of
 the contiguous ``[L, Hkv, P, page, D]`` array, not a copy, unlike slicing a layer out); the kernel
@@ -36,9 +46,11 @@ every processed block has one and no row ever normalises over masked keys alone.
 
 Interpret mode: ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on the CPU
 (``InterpretGPUParams``: uninitialised SMEM and outputs filled with NaN, out-of-bounds reads
-raise), which simulates SMEM, the TMA copies and the barriers. Two substitutions there, both
-no-ops for the values: the matmuls run as jnp.dot on the same SMEM tiles, and ``layout_cast`` is
-skipped (see ``_decode_body``).
+raise), which simulates SMEM, the TMA copies and the barriers. Substitutions there, all no-ops
+for the values: the matmuls run as jnp.dot on the same SMEM tiles, ``layout_cast`` is skipped
+(see ``_decode_body``), the q and output tiles are two buffers (the 0.10.2 interpreter has no
+rule for a ``RefUnion``'s views), and q gets zero rows up to the last box's end (the GPU's TMA
+zero-fills a box past the array's end; the interpreter raises).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -74,8 +87,9 @@ def unsupported_reason(*, dtype, head_dim: int, group: int, page_size: int,
                 "wgmma is TF32)")
     if head_dim % 64:
         return f"head_dim {head_dim} (must be a multiple of 64)"
-    if group > WGMMA_ROWS:
-        return f"{group} query heads per kv head (at most {WGMMA_ROWS})"
+    if q_box_rows(group) > WGMMA_ROWS:
+        return (f"{group} query heads per kv head (their 8-row aligned q box, "
+                f"{q_box_rows(group)} rows, exceeds {WGMMA_ROWS})")
     if page_size % _TILE_ROWS:
         return f"page_size {page_size} (must be a multiple of {_TILE_ROWS})"
     block_k = pages_per_block * page_size
@@ -83,6 +97,19 @@ def unsupported_reason(*, dtype, head_dim: int, group: int, page_size: int,
         return (f"blocks of {pages_per_block} x {page_size} keys (must be a multiple of "
                 f"{BLOCK_KEYS_MULTIPLE} and at most {MAX_BLOCK_KEYS})")
     return None
+
+
+def q_box_rows(group: int) -> int:
+    """Rows of the TMA box that loads one query group into the tiled, swizzled wgmma tile.
+
+    q is read as [T * H, D] with no copy: group ``g`` of (token, kv head) pair ``i`` is rows
+    [i * g, i * g + g). A TMA into a tiled tile moves whole 8-row tiles, so the box starts at
+    the multiple of 8 at or below i * g and the group sits at tile row lead = i * g % 8, a
+    multiple of gcd(g, 8): the box spans lead + g <= 8 - gcd(g, 8) + g rows, rounded up to 8."""
+    if group % _TILE_ROWS == 0:
+        return group
+    span = group + _TILE_ROWS - math.gcd(group, _TILE_ROWS)
+    return -(-span // _TILE_ROWS) * _TILE_ROWS
 
 
 def smem_bytes(*, head_dim: int, block_k: int, num_stages: int, itemsize: int,
@@ -160,25 +187,26 @@ def online_softmax_step(s, m, l, acc):
     return p, m_new, l, acc
 
 
-def _decode_body(layer_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, scale, soft_cap,
-                 sliding_window, page_size, pages_per_block, pages_per_split, num_pages,
-                 num_kv_heads, num_stages, multi, interpret):
+def _decode_body(layer_ref, pos_ref, seq_ref, table_ref, q_ref, k_ref, v_ref, *refs, scale,
+                 soft_cap, sliding_window, page_size, pages_per_block, pages_per_split,
+                 num_pages, num_kv_heads, group, num_stages, multi, interpret):
     if multi:
         o_ref, lse_ref, q_smem, k_smem, v_smem, table_smem, o32_smem, lse_smem, \
             k_bar, v_bar, setup_bar = refs
     else:
-        o_ref, q_smem, k_smem, v_smem, table_smem, k_bar, v_bar, setup_bar = refs
+        o_ref, (q_smem, o_smem), k_smem, v_smem, table_smem, k_bar, v_bar, setup_bar = refs
     token = lax.axis_index("token")
     kv_head = lax.axis_index("kv_head")
     split = lax.axis_index("split")
-    group_rows, head_dim = q_ref.shape[2:]
+    head_dim = q_ref.shape[1]                    # q_ref is [T * H (+ pad), D], o_ref [T * H, D]
+    box_rows = q_box_rows(group)
     table_cols = table_smem.shape[1]
     block_k = pages_per_block * page_size
     dtype = q_ref.dtype
     wgmma_layout, row_layout = register_layouts(interpret)
 
     layer = layer_ref[0]
-    kv_len = kv_len_ref[token]                   # keys 0..kv_len-1 are causal-visible
+    kv_len = pos_ref[token] + 1                  # keys 0..position are causal-visible
     split_lo = split * (pages_per_split * page_size)
     lo = split_lo
     if sliding_window is not None:
@@ -188,11 +216,22 @@ def _decode_body(layer_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, s
     num_blocks = jnp.where(hi > lo, (hi - split_lo + block_k - 1) // block_k - first_block, 0)
     page_base = (layer * num_kv_heads + kv_head) * num_pages
 
-    # Zero the query tile (rows >= group_rows stay zero), then bring in the group and the table.
+    # This group's q rows are [start, start + group) of q_ref; they land in tile rows
+    # [lead, lead + group) (see q_box_rows), the box's other rows hold neighbouring groups' (or
+    # TMA zero-filled) queries: rows are independent, those are computed and never stored.
+    pair = token * num_kv_heads + kv_head
+    start = pair * group
+    if group % _TILE_ROWS:
+        box_start = pl.multiple_of(start // _TILE_ROWS * _TILE_ROWS, _TILE_ROWS)
+        lead = start - box_start
+    else:
+        box_start, lead = pl.multiple_of(start, _TILE_ROWS), 0
+    # Zero the query tile (rows >= box_rows stay zero), then bring in the box and the table.
     q_smem[...] = wgmma_layout(jnp.zeros((WGMMA_ROWS, head_dim), dtype))
     plgpu.commit_smem()
-    plgpu.copy_gmem_to_smem(table_ref.at[token, split], table_smem, setup_bar)
-    plgpu.copy_gmem_to_smem(q_ref.at[token, kv_head], q_smem.at[pl.ds(0, group_rows)], setup_bar)
+    plgpu.copy_gmem_to_smem(table_ref.at[seq_ref[token], split], table_smem, setup_bar)
+    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(box_start, box_rows)], q_smem.at[pl.ds(0, box_rows)],
+                            setup_bar)
     plgpu.barrier_wait(setup_bar)
 
     def issue(cache_ref, ring, barriers, block, slot):
@@ -266,82 +305,124 @@ def _decode_body(layer_ref, kv_len_ref, table_ref, q_ref, k_ref, v_ref, *refs, s
     # l == 0 only for an empty split (multi-split); its weight in the combine is exp2(-inf) = 0.
     l_safe = jnp.where(l == 0.0, 1.0, l)
     out = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+    # Only the group's real rows [lead, lead + group) go out, from untiled SMEM (where a TMA box
+    # may start at any row: a row is D x 2 or 4 bytes, a multiple of the 128 that a TMA's SMEM
+    # address needs), straight to their rows of out: one box of ``group`` rows.
     if multi:
         o32_smem[...] = out
         lse_smem[...] = m + jnp.log2(l)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o32_smem.at[pl.ds(0, group_rows)],
-                                o_ref.at[split, token, kv_head])
-        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, group_rows)],
-                                lse_ref.at[split, token, kv_head])
+        plgpu.copy_smem_to_gmem(o32_smem.at[pl.ds(lead, group)],
+                                o_ref.at[split, pl.ds(start, group)])
+        # lse goes out as the box's rows (a box from row lead would start at an SMEM address
+        # that is not a multiple of 128 bytes); the combine picks each group's rows.
+        plgpu.copy_smem_to_gmem(lse_smem.at[pl.ds(0, box_rows)],
+                                lse_ref.at[split, pair])
     else:
-        q_smem[...] = out.astype(dtype)          # every wgmma on q_smem has completed
+        o_smem[...] = out.astype(dtype)          # q_smem's memory: every wgmma on it completed
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(0, group_rows)], o_ref.at[token, kv_head])
+        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(lead, group)], o_ref.at[pl.ds(start, group)])
     plgpu.wait_smem_to_gmem(0)
 
 
-def decode_call(q_grouped, k_cache, v_cache, layer_arr, kv_lens, token_block_tables, *, scale,
-                soft_cap, sliding_window, pages_per_block, pages_per_split, num_stages, interpret):
-    """Paged decode attention on Hopper; the contract of ``triton_attention.decode_pallas_call``.
+def _pad_last(x, size):
+    """x zero-padded (the null page) to ``size`` entries along its last axis."""
+    if x.shape[-1] == size:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
-    q_grouped [T, Hkv, Gq, D] (Gq a multiple of 8, <= 64; rows past the real group are zero);
-    k_cache/v_cache [L, Hkv, P, page, D] whole; layer_arr [1] int32; kv_lens [T] int32 (keys
-    0..kv_len-1 visible); token_block_tables [T, max_pages] int32 (any padding entries are 0, the
-    null page). Splits own ``pages_per_split`` (a multiple of ``pages_per_block``) table entries
-    each. ``interpret``: False (GPU), True (Mosaic GPU interpret mode, ``interpret_params()``) or
-    interpret params. Returns [T, Hkv, Gq, D] in q's dtype.
+
+def decode_call(q_grouped, k_cache, v_cache, layer_arr, positions, block_tables, token_seq_ids,
+                *, scale, soft_cap, sliding_window, pages_per_block, pages_per_split, num_stages,
+                interpret):
+    """Paged decode attention on Hopper (every token attends on its own).
+
+    q_grouped [T, Hkv, G, D] (a free reshape of [T, H, D]; G <= 64 with ``q_box_rows(G) <= 64``);
+    k_cache/v_cache [L, Hkv, P, page, D] whole; layer_arr [1] int32; positions [T] int32 (token
+    t sees keys 0..positions[t]); block_tables [S, max_pages] int32 (padding entries 0, the null
+    page); token_seq_ids [T] int32 in [0, S). Splits own ``pages_per_split`` (a multiple of
+    ``pages_per_block``) table entries each. ``interpret``: False (GPU), True (Mosaic GPU
+    interpret mode, ``interpret_params()``) or interpret params. Returns [T, Hkv, G, D] in q's
+    dtype.
+
+    Around the kernel on the GPU (single split, T * H % 8 == 0): only bitcasts of q and out and
+    the per-sequence table pads (layer-invariant); the position + 1 and the table row of each
+    token are read in the kernel.
     """
-    t, hkv, group_rows, d = q_grouped.shape
+    t, hkv, group, d = q_grouped.shape
     num_layers, _, num_pages, page_size, _ = k_cache.shape
-    why = unsupported_reason(dtype=q_grouped.dtype, head_dim=d, group=group_rows,
+    why = unsupported_reason(dtype=q_grouped.dtype, head_dim=d, group=group,
                              page_size=page_size, pages_per_block=pages_per_block)
     if why is not None:
         raise ValueError(f"the Mosaic GPU decode kernel does not support {why}")
-    if group_rows % _TILE_ROWS:
-        raise ValueError(f"q_grouped rows per kv head ({group_rows}) must be a multiple of 8")
     if pages_per_split % pages_per_block:
         raise ValueError(f"pages_per_split ({pages_per_split}) must be a multiple of "
                          f"pages_per_block ({pages_per_block})")
     table_rows, table_cols = table_layout(pages_per_split)
     if table_rows > 256:
         raise ValueError(f"{pages_per_split} pages per split exceed one TMA copy of the table")
-    max_pages = token_block_tables.shape[1]
+    num_seqs, max_pages = block_tables.shape
     num_splits = -(-max_pages // pages_per_split)
-    # [T, max_pages] -> [T, splits, rows, cols], zero (null page) padded: one TMA per CTA.
-    tables = jnp.pad(token_block_tables.astype(jnp.int32),
-                     ((0, 0), (0, num_splits * pages_per_split - max_pages)))
-    tables = jnp.pad(tables.reshape(t, num_splits, pages_per_split),
-                     ((0, 0), (0, 0), (0, table_rows * table_cols - pages_per_split)))
-    tables = tables.reshape(t, num_splits, table_rows, table_cols)
+    # [S, max_pages] -> [S, splits, rows, cols], zero (null page) padded: one TMA per CTA, of
+    # row token_seq_ids[t]. Per sequence, so XLA may hoist the pads out of a layer scan.
+    tables = _pad_last(block_tables.astype(jnp.int32), num_splits * pages_per_split)
+    tables = _pad_last(tables.reshape(num_seqs, num_splits, pages_per_split),
+                       table_rows * table_cols)
+    tables = tables.reshape(num_seqs, num_splits, table_rows, table_cols)
     # [L, Hkv, P, page, D] -> [L * Hkv * P, page, D]: a bitcast of the contiguous cache.
     flat = (num_layers * hkv * num_pages, page_size, d)
     interpreting = interpret is not False and interpret is not None
+
+    # q as [T * H, D] (a bitcast). Mosaic GPU tiles the whole GMEM array of a TMA into tiled
+    # SMEM, so its row count must be a multiple of 8 (the prefill kernel failed to lower with
+    # 250 rows on the GPU); a box's rows past the end read as zeros on the GPU (TMA fills them).
+    # The interpreter raises on a copy past the end, so there q gets zero rows up to the last
+    # box's end.
+    rows = t * hkv * group
+    box_rows = q_box_rows(group)
+    q_rows = -(-rows // _TILE_ROWS) * _TILE_ROWS
+    if interpreting:
+        last_box = (t * hkv - 1) * group // _TILE_ROWS * _TILE_ROWS
+        q_rows = max(q_rows, last_box + box_rows)
+    q_flat = q_grouped.reshape(rows, d)
+    if q_rows > rows:
+        q_flat = jnp.pad(q_flat, ((0, q_rows - rows), (0, 0)))
 
     multi = num_splits > 1
     block_k = pages_per_block * page_size
     dtype = q_grouped.dtype
     tiled = (plgpu.TilingTransform((_TILE_ROWS, _SWIZZLE // dtype.itemsize)),
              plgpu.SwizzleTransform(_SWIZZLE))
+    q_tile = plgpu.SMEM((WGMMA_ROWS, d), dtype, transforms=tiled)
+    if multi:
+        tiles = q_tile
+    else:
+        # The query tile (tiled, swizzled for wgmma) and, once the last wgmma completed, the
+        # output tile (untiled, so that a store may start at any row) in one memory. JAX
+        # 0.10.2's interpreter cannot run a RefUnion's aliased views (no rule for
+        # ExtractAliasedRef), so there they are two buffers; the kernel's accesses are the same.
+        tiles = (q_tile, plgpu.SMEM((WGMMA_ROWS, d), dtype))
+        tiles = tiles if interpreting else plgpu.RefUnion(*tiles)
     scratch = [
-        plgpu.SMEM((WGMMA_ROWS, d), dtype, transforms=tiled),                # query tile / output
+        tiles,
         plgpu.SMEM((num_stages, block_k, d), dtype, transforms=tiled),       # K ring
         plgpu.SMEM((num_stages, block_k, d), dtype, transforms=tiled),       # V ring
         plgpu.SMEM((table_rows, table_cols), jnp.int32),                     # this split's pages
     ]
-    out_type = jax.ShapeDtypeStruct((t, hkv, group_rows, d), dtype)
+    # The kernel stores every real row itself and nothing else: out is [T * H, D].
+    out_type = jax.ShapeDtypeStruct((rows, d), dtype)
     if multi:
         scratch += [plgpu.SMEM((WGMMA_ROWS, d), jnp.float32),
                     plgpu.SMEM((WGMMA_ROWS,), jnp.float32)]
-        out_type = (jax.ShapeDtypeStruct((num_splits, t, hkv, group_rows, d), jnp.float32),
-                    jax.ShapeDtypeStruct((num_splits, t, hkv, group_rows), jnp.float32))
+        out_type = (jax.ShapeDtypeStruct((num_splits, rows, d), jnp.float32),
+                    jax.ShapeDtypeStruct((num_splits, t * hkv, box_rows), jnp.float32))
     scratch += [plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),
                 plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),
                 plgpu.Barrier(num_arrivals=2)]                               # table + query
     body = functools.partial(
         _decode_body, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
         page_size=page_size, pages_per_block=pages_per_block, pages_per_split=pages_per_split,
-        num_pages=num_pages, num_kv_heads=hkv, num_stages=num_stages, multi=multi,
+        num_pages=num_pages, num_kv_heads=hkv, group=group, num_stages=num_stages, multi=multi,
         interpret=interpreting)
     body.__name__ = "jaxllm_paged_decode_mosaic"     # the kernel's name in profiles
     result = plgpu.kernel(
@@ -351,12 +432,20 @@ def decode_call(q_grouped, k_cache, v_cache, layer_arr, kv_lens, token_block_tab
         grid=(t, hkv, num_splits),
         grid_names=("token", "kv_head", "split"),
         interpret=(interpret_params() if interpret is True else interpret or None),
-    )(layer_arr, kv_lens, tables, q_grouped, k_cache.reshape(flat), v_cache.reshape(flat))
+    )(layer_arr, positions.astype(jnp.int32), token_seq_ids.astype(jnp.int32), tables, q_flat,
+      k_cache.reshape(flat), v_cache.reshape(flat))
     if not multi:
-        return result
+        return result.reshape(t, hkv, group, d)
     o, lse = result
+    # Each pair's lse rows are its box's [lead, lead + group) (lead = pair * group % 8, static
+    # per pair): a constant-index gather that XLA fuses into the combine.
+    if box_rows != group:
+        lead = np.arange(t * hkv)[:, None] * group % _TILE_ROWS + np.arange(group)[None]
+        lse = jnp.take_along_axis(lse, jnp.asarray(lead, jnp.int32)[None], axis=2,
+                                  mode="promise_in_bounds")
+    lse = lse.reshape(num_splits, rows)
     # Flash-decoding combine over splits, log2 domain; an empty split has lse = -inf, weight 0.
     lse_max = lse.max(axis=0)
     w = jnp.exp2(lse - lse_max[None])
     out = (o * w[..., None]).sum(axis=0) / w.sum(axis=0)[..., None]
-    return out.astype(dtype)
+    return out.astype(dtype).reshape(t, hkv, group, d)

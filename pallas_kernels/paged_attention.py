@@ -369,12 +369,13 @@ def _decode_mosaic(q, k_cache, v_cache, layer_arr, md, plan, *, scale, soft_cap,
     t, h, d = q.shape
     hkv = k_cache.shape[1]
     g = h // hkv
+    # q and out are bitcasts of [T, H, D]; the kernel reads positions and each token's table row.
     out = mosaic_attention.decode_call(
-        _group(q, hkv, -(-g // 8) * 8), k_cache, v_cache, layer_arr,   # TMA tiles of 8 rows
-        (md.positions + 1).astype(jnp.int32), md.block_tables[md.token_seq_ids],
-        scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, pages_per_block=ppb,
-        pages_per_split=pages_per_split, num_stages=stages, interpret=interpret)
-    return out[:, :, :g].reshape(t, h, d)
+        q.reshape(t, hkv, g, d), k_cache, v_cache, layer_arr, md.positions, md.block_tables,
+        md.token_seq_ids, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        pages_per_block=ppb, pages_per_split=pages_per_split, num_stages=stages,
+        interpret=interpret)
+    return out.reshape(t, h, d)
 
 
 def _prefill_items(md, num_tokens, block_q, sliding_window, align=1):

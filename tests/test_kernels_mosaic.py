@@ -10,16 +10,19 @@ reads; cache slots no valid key occupies hold large random values (pallas_kernel
 an unwritten output or a masked slot that leaks into the softmax fails the comparison.
 
 The sweep covers ragged lengths including 1, exact page and block multiples and the block-table
-maximum; pages in random order; GQA groups 1, 4, 8, 16; head dims 64 and 128; page sizes 16 and
-32; bf16 and fp16 (rel err <= 2e-2); soft-cap and sliding window; forced key splits (combine);
-rings shallower than the block count (slot reuse). fp32 is not a Mosaic shape: the dispatcher
-runs the Triton kernel for it, checked here too. ``test_lowers_for_cuda`` lowers the GPU variant
-(Pallas -> Mosaic GPU MLIR, the checks of TMA, wgmma and register layouts) without a GPU.
+maximum; pages in random order; GQA groups 1, 3, 4, 8, 16 (q boxes at every 8-row lead); head
+dims 64 and 128; page sizes 16 and 32; bf16 and fp16 (rel err <= 2e-2); soft-cap and sliding
+window; forced key splits (combine); rings shallower than the block count (slot reuse). fp32 is
+not a Mosaic shape: the dispatcher runs the Triton kernel for it, checked here too.
+``test_lowers_for_cuda`` lowers the GPU variant (Pallas -> Mosaic GPU MLIR, the checks of TMA,
+wgmma and register layouts) without a GPU; ``test_no_copies_of_q_or_out_around_the_kernel``
+checks that XLA runs nothing but bitcasts around it.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,7 @@ import numpy as np
 import pytest
 from jax import export
 
+from model_zoo.attention import AttentionMetadata
 from pallas_kernels import mosaic_attention
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.reference import paged_attention_reference
@@ -40,6 +44,7 @@ CASES = [
     (4, 128, 16, jnp.bfloat16, {"soft_cap": 7.0}),
     (8, 64, 32, jnp.float16, {"sliding_window": 21}),
     (16, 128, 32, jnp.bfloat16, {"soft_cap": 7.0, "sliding_window": 100}),
+    (3, 64, 16, jnp.bfloat16, {}),     # 16-row q boxes; T * H = 36 rows, padded to 40
 ]
 MAX_KEYS = 256                                   # 4 blocks of 64 keys
 
@@ -95,13 +100,12 @@ def test_ring_protocol_has_no_races():
                        head_dim=64, page_size=16, max_pages=12, dtype=jnp.bfloat16)
     q, k, v, _, md = _args(batch)
     out = mosaic_attention.decode_call(
-        jnp.pad(q.reshape(2, 1, 4, 64), ((0, 0), (0, 0), (0, 4), (0, 0))), k, v,
-        jnp.array([1], jnp.int32),
-        md.positions + 1, md.block_tables[md.token_seq_ids], scale=0.125, soft_cap=None,
-        sliding_window=None, pages_per_block=4, pages_per_split=8, num_stages=2,
+        q.reshape(2, 1, 4, 64), k, v, jnp.array([1], jnp.int32), md.positions, md.block_tables,
+        md.token_seq_ids, scale=0.125, soft_cap=None, sliding_window=None, pages_per_block=4,
+        pages_per_split=8, num_stages=2,
         interpret=mosaic_attention.interpret_params(detect_races=True))
     assert not mosaic_attention.races_detected()
-    out = out[:, :, :4].reshape(2, 4, 64)
+    out = out.reshape(2, 4, 64)
     ref = paged_attention_reference(q, k, v, jnp.int32(1), md, scale=0.125)
     err = np.linalg.norm(np.asarray(out, np.float64) - np.asarray(ref, np.float64))
     assert err <= 2e-2 * np.linalg.norm(np.asarray(ref, np.float64))
@@ -154,24 +158,53 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="does not support dtype float32"):
         mosaic_attention.decode_call(
             q.astype(jnp.float32).reshape(1, 2, 2, 64), k, v, jnp.array([0], jnp.int32),
-            md.positions + 1, md.block_tables, scale=1.0, soft_cap=None, sliding_window=None,
+            md.positions, md.block_tables, md.token_seq_ids, scale=1.0, soft_cap=None, sliding_window=None,
             pages_per_block=4, pages_per_split=4, num_stages=2, interpret=True)
 
 
+@pytest.mark.parametrize("group", [1, 4, 8, 16])
 @pytest.mark.parametrize("pages_per_split,soft_cap,sliding_window", [
     (64, None, None), (16, 30.0, 100)])
-def test_lowers_for_cuda(pages_per_split, soft_cap, sliding_window):
+def test_lowers_for_cuda(group, pages_per_split, soft_cap, sliding_window):
     # Lowering to Mosaic GPU runs here without a GPU: it checks TMA shapes (<= 256 per box
-    # dimension, 128-byte multiples), wgmma operand shapes and swizzles, and register layouts.
-    # Compiling to PTX and running happen on the GPU only.
-    t, hkv, d, page, pages = 4, 8, 128, 16, 64
-    args = (jax.ShapeDtypeStruct((t, hkv, 8, d), jnp.bfloat16),
+    # dimension, 128-byte multiples), wgmma operand shapes and swizzles, register layouts, and
+    # the q box at an 8-row aligned offset / the out stores at any row (untiled RefUnion view).
+    # Compiling to PTX and running happen on the GPU only. 64 pages in one split or four.
+    t, hkv, d, page, pages, seqs = 4, 8, 128, 16, 64, 3
+    args = (jax.ShapeDtypeStruct((t, hkv, group, d), jnp.bfloat16),
             jax.ShapeDtypeStruct((2, hkv, 300, page, d), jnp.bfloat16),
             jax.ShapeDtypeStruct((2, hkv, 300, page, d), jnp.bfloat16),
             jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((t,), jnp.int32),
-            jax.ShapeDtypeStruct((t, pages), jnp.int32))
+            jax.ShapeDtypeStruct((seqs, pages), jnp.int32), jax.ShapeDtypeStruct((t,), jnp.int32))
     fn = jax.jit(lambda *a: mosaic_attention.decode_call(
         *a, scale=d ** -0.5, soft_cap=soft_cap, sliding_window=sliding_window, pages_per_block=4,
         pages_per_split=pages_per_split, num_stages=3, interpret=False))
     text = export.export(fn, platforms=["cuda"])(*args).mlir_module()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("group", [1, 4, 16])
+def test_no_copies_of_q_or_out_around_the_kernel(group):
+    # What XLA runs around the kernel on the GPU (paged_attention lowered for CUDA), one key
+    # split: q goes in and out comes back by reshapes only (no pad of q to 8-row groups, no
+    # slice of out), and no op on the per-token metadata (positions + 1 and the table gather
+    # run in the kernel); the table pads are per sequence (none here: 128 pages fit one split's
+    # table exactly). Every op is checked, in the StableHLO that XLA compiles.
+    t, hkv, d, page, pages, s = 32, 8, 128, 16, 128, 32
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    md = AttentionMetadata(positions=i32(t), token_seq_ids=i32(t), slot_mapping=i32(t),
+                           block_tables=i32(s, pages), seq_lens=i32(s),
+                           query_start_loc=i32(s + 1))
+    cache = jax.ShapeDtypeStruct((2, hkv, 300, page, d), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v, layer, md: paged_attention(
+        q, k, v, layer, md, scale=d ** -0.5, kernel="mosaic", max_query_len=1, num_splits=1,
+        interpret=False))
+    text = export.export(fn, platforms=["cuda"])(
+        jax.ShapeDtypeStruct((t, hkv * group, d), jnp.bfloat16), cache, cache, i32(),
+        md).mlir_module()
+    ops = [re.search(r"= (\"?[\w.]+)", line).group(1).strip('"')
+           for line in text.splitlines() if re.search(r"%\S+ = ", line)]
+    assert ops.count("stablehlo.custom_call") == 1 and "mosaic_gpu" in text
+    others = [op for op in ops if op not in ("stablehlo.reshape", "stablehlo.custom_call", "call",
+                                             "func.call", "stablehlo.constant")]
+    assert others == [], others
