@@ -92,9 +92,11 @@ def test_splits_of_one_block_and_multi_token_batches():
     _check(batch, _run(batch, num_splits=4, num_stages=4), 6, jnp.bfloat16)
 
 
-def test_ring_protocol_has_no_races():
+@pytest.mark.parametrize("pages_per_split", [8, 12])        # two key splits, one
+def test_ring_protocol_has_no_races(pages_per_split):
     # Every SMEM read of a ring slot must be ordered after the barrier wait of the TMA copies
-    # that filled it (vector clocks, one per copy); a dropped barrier_wait fails here.
+    # that filled it (vector clocks, one per copy); a dropped barrier_wait fails here. Both
+    # output paths: partials + combine, and the single split's store from the untiled tile.
     rng = np.random.default_rng(12)
     batch = make_batch(rng, seq_lens=[190, 7], q_lens=[1, 1], num_heads=4, num_kv_heads=1,
                        head_dim=64, page_size=16, max_pages=12, dtype=jnp.bfloat16)
@@ -102,7 +104,7 @@ def test_ring_protocol_has_no_races():
     out = mosaic_attention.decode_call(
         q.reshape(2, 1, 4, 64), k, v, jnp.array([1], jnp.int32), md.positions, md.block_tables,
         md.token_seq_ids, scale=0.125, soft_cap=None, sliding_window=None, pages_per_block=4,
-        pages_per_split=8, num_stages=2,
+        pages_per_split=pages_per_split, num_stages=2,
         interpret=mosaic_attention.interpret_params(detect_races=True))
     assert not mosaic_attention.races_detected()
     out = out.reshape(2, 4, 64)
