@@ -189,7 +189,11 @@ def online_softmax_step(s, m, l, acc):
 
 def _decode_body(layer_ref, pos_ref, seq_ref, table_ref, q_ref, k_ref, v_ref, *refs, scale,
                  soft_cap, sliding_window, page_size, pages_per_block, pages_per_split,
-                 num_pages, num_kv_heads, group, num_stages, multi, interpret):
+                 num_pages, num_kv_heads, group, num_stages, multi, fused, interpret):
+    if fused:
+        # k_ref/v_ref are the caches aliased in and out (mutable refs); the new rows [T * Hkv, D],
+        # the slots [T], and (last, after the other scratch) the write's SMEM rows and barrier.
+        new_k_ref, new_v_ref, slot_ref, *refs, new_k_smem, new_v_smem, new_bar = refs
     if multi:
         o_ref, lse_ref, q_smem, k_smem, v_smem, table_smem, o32_smem, lse_smem, \
             k_bar, v_bar, setup_bar = refs
@@ -232,9 +236,45 @@ def _decode_body(layer_ref, pos_ref, seq_ref, table_ref, q_ref, k_ref, v_ref, *r
     plgpu.copy_gmem_to_smem(table_ref.at[seq_ref[token], split], table_smem, setup_bar)
     plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(box_start, box_rows)], q_smem.at[pl.ds(0, box_rows)],
                             setup_bar)
+    writer, key_block = False, None
+    if fused:
+        # Fused K/V write: the CTA whose split holds this token's position p writes the token's new
+        # k and v rows (this kv head) into the cache at its slot, so that the block holding p reads
+        # the key back through the normal path (kv_len = p + 1 includes it). Only that split
+        # writes and only it reads the page: the page of p is table entry p // page_size, which
+        # lies in exactly one split's entries (splits own disjoint entry ranges), and the caller
+        # promises one query token per sequence, whose slot is p's (write_kv's slot). So no
+        # other CTA reads or writes those rows (kv heads have their own pages) and no ordering
+        # across CTAs is needed. Padding tokens (slot >= num_pages * page_size) write nothing.
+        pos = pos_ref[token]
+        slot_id = slot_ref[token]
+        writer = (slot_id < num_pages * page_size) & (
+            pos // (pages_per_split * page_size) == split)
+        key_block = (pos - split_lo) // block_k          # the block holding p (in this split)
+
+        @pl.when(writer)
+        def _write_new_kv():
+            plgpu.copy_gmem_to_smem(new_k_ref.at[pl.ds(pair, 1)], new_k_smem, new_bar)
+            plgpu.copy_gmem_to_smem(new_v_ref.at[pl.ds(pair, 1)], new_v_smem, new_bar)
+            plgpu.barrier_wait(new_bar)
+            page = page_base + slot_id // page_size
+            row = lax.rem(slot_id, page_size)
+            # From untiled SMEM (a one-row box) to any row of the page. The stores run while the
+            # first blocks load; only the block holding p waits for them (see ``issue``).
+            plgpu.copy_smem_to_gmem(new_k_smem, k_ref.at[page, pl.ds(row, 1)])
+            plgpu.copy_smem_to_gmem(new_v_smem, v_ref.at[page, pl.ds(row, 1)])
     plgpu.barrier_wait(setup_bar)
 
     def issue(cache_ref, ring, barriers, block, slot):
+        if fused and cache_ref is k_ref:
+            # Before the load of the block holding p (K first, so V is covered too): the writer
+            # waits until its stores have reached global memory, then orders them before its
+            # own TMA loads of the same memory (generic -> async proxy fence on global).
+            @pl.when(writer & (block == key_block))
+            def _stores_landed():
+                plgpu.wait_smem_to_gmem(0)
+                if not interpret:
+                    _fence_proxy_async_global()
         for j in range(pages_per_block):       # one TMA per page, all on the slot's barrier
             entry = block * pages_per_block + j
             page_id = table_smem[entry // table_cols, entry % table_cols]
@@ -325,6 +365,28 @@ def _decode_body(layer_ref, pos_ref, seq_ref, table_ref, q_ref, k_ref, v_ref, *r
     plgpu.wait_smem_to_gmem(0)
 
 
+def _fence_proxy_async_global():
+    """``fence.proxy.async.global``: orders this thread's completed TMA stores (made visible by
+    ``wait_smem_to_gmem``) before its later TMA loads of the same global memory. JAX 0.10.2 has
+    no public primitive for it; the private ``inline_ptx`` helper emits the instruction."""
+    from jax._src.pallas.mosaic_gpu.helpers import inline_ptx
+    inline_ptx("fence.proxy.async.global;")
+
+
+def _kernel_with_refs(body, *, out_type, scratch_types, grid, grid_names, interpret):
+    """``plgpu.kernel`` for operands that include mutable refs (``jax.new_ref``), which the
+    kernel updates in place: Pallas aliases each to an output (input_output_aliases of the
+    custom call). ``plgpu.kernel`` wraps its launch in a ``custom_vmap``, which rejects ref
+    effects in JAX 0.10.2; this is the same launch (a Mosaic GPU mesh, the scratch as a scope
+    around the body) without that wrapper (the kernel is never vmapped)."""
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names)
+
+    def scoped_body(*refs):
+        pl.run_scoped(functools.partial(body, *refs), *scratch_types)
+    return pl.kernel(scoped_body, out_type=out_type, mesh=mesh, interpret=interpret,
+                     name=body.__name__)
+
+
 def _pad_last(x, size):
     """x zero-padded (the null page) to ``size`` entries along its last axis."""
     if x.shape[-1] == size:
@@ -334,7 +396,7 @@ def _pad_last(x, size):
 
 def decode_call(q_grouped, k_cache, v_cache, layer_arr, positions, block_tables, token_seq_ids,
                 *, scale, soft_cap, sliding_window, pages_per_block, pages_per_split, num_stages,
-                interpret):
+                interpret, new_kv=None):
     """Paged decode attention on Hopper (every token attends on its own).
 
     q_grouped [T, Hkv, G, D] (a free reshape of [T, H, D]; G <= 64 with ``q_box_rows(G) <= 64``);
@@ -389,6 +451,7 @@ def decode_call(q_grouped, k_cache, v_cache, layer_arr, positions, block_tables,
         q_flat = jnp.pad(q_flat, ((0, q_rows - rows), (0, 0)))
 
     multi = num_splits > 1
+    fused = new_kv is not None
     block_k = pages_per_block * page_size
     dtype = q_grouped.dtype
     tiled = (plgpu.TilingTransform((_TILE_ROWS, _SWIZZLE // dtype.itemsize)),
@@ -419,13 +482,30 @@ def decode_call(q_grouped, k_cache, v_cache, layer_arr, positions, block_tables,
     scratch += [plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),
                 plgpu.Barrier(num_arrivals=pages_per_block, num_barriers=num_stages),
                 plgpu.Barrier(num_arrivals=2)]                               # table + query
+    caches = (k_cache.reshape(flat), v_cache.reshape(flat))
+    extra = ()
+    if fused:
+        new_k, new_v, slots = new_kv
+        if new_k.shape != (t, hkv, d) or new_v.shape != (t, hkv, d) or slots.shape != (t,):
+            raise ValueError(f"new_kv must be ([T, Hkv, D], [T, Hkv, D], [T]) = "
+                             f"({(t, hkv, d)}, {(t, hkv, d)}, {(t,)}), got "
+                             f"{tuple(x.shape for x in new_kv)}")
+        # Untiled one-row tiles: the TMA boxes may then start at any row (the pair's row of the
+        # new rows, the slot's row of a page). A row is D x 2 bytes, a multiple of 128.
+        scratch += [plgpu.SMEM((1, d), k_cache.dtype), plgpu.SMEM((1, d), v_cache.dtype),
+                    plgpu.Barrier(num_arrivals=2)]                           # new k + new v
+        # Mutable refs: plgpu.kernel passes them in and aliases them out (input_output_aliases).
+        caches = tuple(jax.new_ref(c, memory_space=plgpu.GMEM) for c in caches)
+        extra = (new_k.astype(k_cache.dtype).reshape(t * hkv, d),
+                 new_v.astype(v_cache.dtype).reshape(t * hkv, d), slots.astype(jnp.int32))
     body = functools.partial(
         _decode_body, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
         page_size=page_size, pages_per_block=pages_per_block, pages_per_split=pages_per_split,
         num_pages=num_pages, num_kv_heads=hkv, group=group, num_stages=num_stages, multi=multi,
-        interpret=interpreting)
+        fused=fused, interpret=interpreting)
     body.__name__ = "jaxllm_paged_decode_mosaic"     # the kernel's name in profiles
-    result = plgpu.kernel(
+    launch = plgpu.kernel if not fused else _kernel_with_refs
+    result = launch(
         body,
         out_type=out_type,
         scratch_types=scratch,
@@ -433,10 +513,21 @@ def decode_call(q_grouped, k_cache, v_cache, layer_arr, positions, block_tables,
         grid_names=("token", "kv_head", "split"),
         interpret=(interpret_params() if interpret is True else interpret or None),
     )(layer_arr, positions.astype(jnp.int32), token_seq_ids.astype(jnp.int32), tables, q_flat,
-      k_cache.reshape(flat), v_cache.reshape(flat))
-    if not multi:
-        return result.reshape(t, hkv, group, d)
-    o, lse = result
+      *caches, *extra)
+    if fused:
+        caches = tuple(jax.freeze(c).reshape(k_cache.shape) for c in caches)
+    if multi:
+        out = _combine(*result, t=t, hkv=hkv, group=group, dtype=dtype)
+    else:
+        out = result.reshape(t, hkv, group, d)
+    return (out, *caches) if fused else out
+
+
+def _combine(o, lse, *, t, hkv, group, dtype):
+    """The splits' partials (o [splits, T * H, D] f32, lse [splits, T * Hkv, box rows]) ->
+    [T, Hkv, G, D] in ``dtype``."""
+    num_splits, rows, d = o.shape
+    box_rows = lse.shape[2]
     # Each pair's lse rows are its box's [lead, lead + group) (lead = pair * group % 8, static
     # per pair): a constant-index gather that XLA fuses into the combine.
     if box_rows != group:

@@ -14,8 +14,9 @@ causal masking), which is correct for decode too, just slower there. Without ``n
 kernel treats every token independently, so a wrong hint costs speed, never correctness.
 
 ``new_kv=(k, v)`` (the models always pass it) also writes this step's keys/values at
-``md.slot_mapping`` and returns ``(out, k_cache, v_cache)``: inside the Triton decode kernel on a
-decode step (no separate scatter kernel per layer), by ``write_kv`` before the kernel elsewhere.
+``md.slot_mapping`` and returns ``(out, k_cache, v_cache)``: inside the decode kernel (Triton or
+Mosaic) on a decode step (no separate scatter kernel per layer), by ``write_kv`` before the kernel
+on prefill/mixed steps.
 The fused write needs the hint to hold: a second token of one sequence in the same step would not
 see the first one's key, which is written during the kernel, not before it.
 
@@ -364,18 +365,26 @@ def _mosaic_smem(k_cache, d, ppb, pages_per_split, stages, num_splits):
 
 
 def _decode_mosaic(q, k_cache, v_cache, layer_arr, md, plan, *, scale, soft_cap, sliding_window,
-                   interpret):
+                   interpret, new_kv=None):
     ppb, pages_per_split, _, stages = plan
     t, h, d = q.shape
     hkv = k_cache.shape[1]
     g = h // hkv
+    if new_kv is not None:
+        # Cast before the kernel, as write_kv does: the kernel stores (and reads back) exactly
+        # the values a cache of this dtype holds.
+        new_kv = (new_kv[0].astype(k_cache.dtype), new_kv[1].astype(v_cache.dtype),
+                  md.slot_mapping.astype(jnp.int32))
     # q and out are bitcasts of [T, H, D]; the kernel reads positions and each token's table row.
-    out = mosaic_attention.decode_call(
+    result = mosaic_attention.decode_call(
         q.reshape(t, hkv, g, d), k_cache, v_cache, layer_arr, md.positions, md.block_tables,
         md.token_seq_ids, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
         pages_per_block=ppb, pages_per_split=pages_per_split, num_stages=stages,
-        interpret=interpret)
-    return out.reshape(t, h, d)
+        interpret=interpret, new_kv=new_kv)
+    if new_kv is None:
+        return result.reshape(t, h, d)
+    out, k_cache, v_cache = result
+    return out.reshape(t, h, d), k_cache, v_cache
 
 
 def _prefill_items(md, num_tokens, block_q, sliding_window, align=1):
@@ -500,8 +509,9 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
 
     ``new_kv=(k, v)`` ([T, Hkv, D] each) writes this step's keys/values at ``md.slot_mapping``
     first (``write_kv``'s semantics: out-of-range slots write nothing) and returns
-    ``(out, k_cache, v_cache)``. A decode step on the Triton kernel does the write inside the
-    kernel (caches aliased in place; the new key enters the softmax from registers), which then
+    ``(out, k_cache, v_cache)``. A decode step does the write inside the kernel, caches aliased in
+    place (Triton: the new key enters the softmax from registers; Mosaic: the CTA whose key split
+    holds the position stores the rows by TMA and reads them back), which then
     needs each token's slot to hold its position (``md.positions``) in its own sequence and at most
     one query token per sequence, as ``max_query_len=1`` promises; every other path scatters first.
 
@@ -542,10 +552,9 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     decode = max_query_len == 1
-    if new_kv is not None and not (decode and kernel == "triton"):
-        # Prefill and mixed batches, and the Mosaic decode kernel (or its Triton fallback), read
-        # the new tokens back from the cache: scatter them first. Only the Triton decode kernel
-        # below fuses the write (and then returns the caches itself).
+    if new_kv is not None and not decode:
+        # Prefill and mixed batches read the new tokens back from the cache: scatter them first.
+        # Both decode kernels below fuse the write (and then return the caches themselves).
         return attend_after_write(
             paged_attention, q, k_cache, v_cache, layer, md, new_kv, scale=scale, soft_cap=soft_cap,
             sliding_window=sliding_window, max_query_len=max_query_len, interpret=interpret,
@@ -557,10 +566,12 @@ def paged_attention(q, k_cache, v_cache, layer, md, *, scale: float,
         tuning = _override(tuning, num_stages=num_stages)
         plan = _mosaic_plan(q, k_cache, md, tuning, pages_per_block, num_splits)
         if not isinstance(plan, str):
+            # With new_kv (fused write): returns (out, k_cache, v_cache).
             return _decode_mosaic(q, k_cache, v_cache, layer_arr, md, plan, scale=scale,
                                   soft_cap=soft_cap, sliding_window=sliding_window,
-                                  interpret=interpret)
-        # An unsupported shape (e.g. fp32): the Triton decode kernel below runs it.
+                                  interpret=interpret, new_kv=new_kv)
+        # An unsupported shape (e.g. fp32): the Triton decode kernel below runs it (and its own
+        # fused write).
         _log_mosaic_fallback(plan)
     if decode:
         tuning = _INTERPRET_DECODE if interpret else _lookup(_DECODE_TUNING, kind)

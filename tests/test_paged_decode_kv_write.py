@@ -91,8 +91,12 @@ def _check(got, want, num_real, dtype):
     np.testing.assert_array_equal(vc, ref_vc)
 
 
+@pytest.mark.parametrize("kernel", ["triton", "mosaic"])
 @pytest.mark.parametrize("group,head_dim,page,dtype,opts", CASES)
-def test_fused_decode_matches_write_then_reference(group, head_dim, page, dtype, opts):
+def test_fused_decode_matches_write_then_reference(group, head_dim, page, dtype, opts, kernel):
+    # kernel="mosaic": the bf16 cases run the Mosaic kernel's fused write (64-key blocks: one
+    # split at page 16; at page 32, num_splits=3 gives 2 splits of 2 pages); fp32 is not a Mosaic
+    # shape and runs Triton's fused write. Either way no scatter runs outside the kernel.
     rng = np.random.default_rng(group * 1000 + head_dim + page)
     # 1 token (first of its sequence), exact page multiples, the block-table maximum and one
     # key below it, an odd length.
@@ -103,10 +107,12 @@ def test_fused_decode_matches_write_then_reference(group, head_dim, page, dtype,
     # One split; then 3 splits over 4 pages (2 pages each, one split empty for short sequences,
     # and with a window, split 0 owning no cached key: only the new one).
     for num_splits in (None, 3):
-        got = paged_attention(q, *caches, jnp.int32(LAYER), md, scale=head_dim ** -0.5,
-                              max_query_len=1, new_kv=new_kv, num_splits=num_splits,
-                              interpret=True, **opts)
-        _check(got, want, len(lens), dtype)
+        call = lambda q, caches, new_kv, md: paged_attention(  # noqa: E731
+            q, *caches, jnp.int32(LAYER), md, scale=head_dim ** -0.5, max_query_len=1,
+            new_kv=new_kv, num_splits=num_splits, interpret=True, kernel=kernel, **opts)
+        prims = [p for p, _ in _primitives(jax.make_jaxpr(call)(q, caches, new_kv, md).jaxpr)]
+        assert "scatter" not in prims
+        _check(call(q, caches, new_kv, md), want, len(lens), dtype)
 
 
 def test_fused_decode_in_a_layer_scan_with_the_cache_in_the_carry():
@@ -140,10 +146,10 @@ def test_fused_decode_in_a_layer_scan_with_the_cache_in_the_carry():
                np.float32)
 
 
-@pytest.mark.parametrize("path", ["prefill", "xla", "mosaic_fallback"])
+@pytest.mark.parametrize("path", ["prefill", "mosaic_prefill", "xla"])
 def test_new_kv_on_unfused_paths_writes_then_attends(path):
-    # Prefill/mixed batches (a multi-token sequence, so the decode contract does not hold), the
-    # XLA backend and the Mosaic kernel's Triton fallback (fp32) scatter, then attend.
+    # Prefill/mixed batches (a multi-token sequence, so the decode contract does not hold) on
+    # either kernel family and the XLA backend scatter, then attend.
     rng = np.random.default_rng(12)
     batch = make_batch(rng, seq_lens=[9, 30, 20], q_lens=[1, 12, 20], num_heads=8,
                        num_kv_heads=2, head_dim=64, page_size=16, pad_tokens=2, pad_seqs=1)
@@ -158,8 +164,7 @@ def test_new_kv_on_unfused_paths_writes_then_attends(path):
     want = _unfused(q, caches, new_kv, md)
     fns = {"prefill": lambda **kw: paged_attention(interpret=True, **kw),
            "xla": paged_attention_xla,
-           "mosaic_fallback": lambda **kw: paged_attention(interpret=True, kernel="mosaic",
-                                                           max_query_len=1, **kw)}
+           "mosaic_prefill": lambda **kw: paged_attention(interpret=True, kernel="mosaic", **kw)}
     got = fns[path](q=q, k_cache=caches[0], v_cache=caches[1], layer=jnp.int32(LAYER), md=md,
                     scale=0.125, new_kv=new_kv)
     _check(got, want, t - 2, np.float32)
@@ -203,6 +208,55 @@ def test_fused_decode_lowers_for_cuda(num_splits, soft_cap, sliding_window):
     aliases = re.findall(r"output_tuple_indices = \[(\d+)\], operand_index = (\d+)", text)
     first = 3 if num_splits > 1 else 1                     # after o (and m, l with splits)
     assert sorted(aliases) == [(str(first), "4"), (str(first + 1), "5")]
+
+
+@pytest.mark.parametrize("pages_per_split", [4, 2])                # one key split, two
+def test_mosaic_fused_write_has_no_races(pages_per_split):
+    # The Mosaic kernel's write with race detection on (every SMEM read of the new rows ordered
+    # after their TMA's barrier wait, the ring as before); a padding token; caches bit-exact.
+    from pallas_kernels import mosaic_attention
+
+    rng = np.random.default_rng(14)
+    lens = [120, 7, 70]
+    q, caches, new_kv, md = _decode_batch(rng, lens, group=4, head_dim=64, page=32,
+                                          dtype=jnp.bfloat16, kv_heads=2)
+    want = _unfused(q, caches, new_kv, md)
+    t = q.shape[0]
+    fn = jax.jit(lambda q, kc, vc, k, v: mosaic_attention.decode_call(
+        q.reshape(t, 2, 4, 64), kc, vc, jnp.array([LAYER], jnp.int32), md.positions,
+        md.block_tables, md.token_seq_ids, scale=0.125, soft_cap=None, sliding_window=None,
+        pages_per_block=2, pages_per_split=pages_per_split, num_stages=2,
+        interpret=mosaic_attention.interpret_params(detect_races=True),
+        new_kv=(k.astype(kc.dtype), v.astype(vc.dtype), md.slot_mapping)))
+    out, kc, vc = fn(q, *caches, *new_kv)
+    assert not mosaic_attention.races_detected()
+    _check((out.reshape(t, 8, 64), kc, vc), want, len(lens), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("pages_per_split", [64, 16])              # one key split, four
+def test_mosaic_fused_write_lowers_for_cuda(pages_per_split):
+    # Pallas -> Mosaic GPU MLIR without a GPU: the one-row TMA loads and stores from untiled SMEM
+    # at traced rows lower, and the caches come back as outputs aliased to operands 5 and 6 of
+    # the custom call (after layer, positions, seq ids, tables, q).
+    from jax import export
+
+    from pallas_kernels import mosaic_attention
+
+    t, hkv, g, d, page = 4, 8, 4, 128, 16
+    bf16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)  # noqa: E731
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+    args = (bf16(t, hkv, g, d), bf16(2, hkv, 300, page, d), bf16(2, hkv, 300, page, d), i32(1),
+            i32(t), i32(3, 64), i32(t), bf16(t, hkv, d), bf16(t, hkv, d), i32(t))
+    fn = jax.jit(lambda q, kc, vc, layer, pos, tables, seqs, k, v, slots:
+                 mosaic_attention.decode_call(
+                     q, kc, vc, layer, pos, tables, seqs, scale=d ** -0.5, soft_cap=None,
+                     sliding_window=None, pages_per_block=4, pages_per_split=pages_per_split,
+                     num_stages=2, interpret=False, new_kv=(k, v, slots)))
+    text = export.export(fn, platforms=["cuda"])(*args).mlir_module()
+    assert "mosaic_gpu" in text
+    aliases = re.findall(r"output_tuple_indices = \[(\d+)\], operand_index = (\d+)", text)
+    first = 2 if pages_per_split < 64 else 1               # after out (o and lse with splits)
+    assert sorted(aliases) == [(str(first), "5"), (str(first + 1), "6")]
 
 
 def _primitives(jaxpr):
