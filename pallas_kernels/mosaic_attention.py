@@ -44,6 +44,11 @@ which point at the null page) get a large finite negative logit, so they contrib
 Blocks are aligned to the split start and the loop covers only blocks holding a visible key, so
 every processed block has one and no row ever normalises over masked keys alone.
 
+Fused K/V write (``new_kv``): the CTA whose split holds the token's position stores the token's
+new k and v rows (one-row TMA boxes from untiled SMEM) into the cache, aliased in and out, and
+waits for them before it loads the block holding that position, which then reads the key back
+(see ``_decode_body``); the caller promises one query token per sequence.
+
 Interpret mode: ``interpret=True`` runs the kernel in Mosaic GPU's interpreter on the CPU
 (``InterpretGPUParams``: uninitialised SMEM and outputs filled with NaN, out-of-bounds reads
 raise), which simulates SMEM, the TMA copies and the barriers. Substitutions there, all no-ops

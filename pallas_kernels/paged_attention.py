@@ -151,9 +151,9 @@ _MOSAIC_SMEM_LIMIT = 227 * 1024
 KERNELS = ("auto", "triton", "mosaic")
 # kernel="auto" (the engine's "pallas" backend) on a Hopper GPU: a decode call whose grid has at
 # least this many (token x kv head) programs runs the Mosaic decode kernel, a smaller one the Triton
-# kernel, whose fused K/V write saves the separate scatter the Mosaic path needs. The shard-local
-# wrap (sharding/attention.py) calls the kernel with its own heads: under TP the count is per
-# device.
+# kernel. Measured while the Mosaic path still scattered K/V separately (it fuses the write since
+# session 8's branch; re-measure the threshold on the GPU). The shard-local wrap
+# (sharding/attention.py) calls the kernel with its own heads: under TP the count is per device.
 # Measured on the 8B shape (8 kv heads), ctx 512, whole engine steps, one process per backend
 # (gpu_itl_variants.sh; step ms, pallas-triton -> auto, same check tokens):
 #   H100, 2026-11-22 (results/2026-11-22-h100-decode-profile-{T-triton,A-auto}*.json):

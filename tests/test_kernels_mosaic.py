@@ -185,25 +185,30 @@ def test_lowers_for_cuda(group, pages_per_split, soft_cap, sliding_window):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("group", [1, 4, 16])
-def test_no_copies_of_q_or_out_around_the_kernel(group):
+def test_no_copies_of_q_or_out_around_the_kernel(group, fused):
     # What XLA runs around the kernel on the GPU (paged_attention lowered for CUDA), one key
     # split: q goes in and out comes back by reshapes only (no pad of q to 8-row groups, no
     # slice of out), and no op on the per-token metadata (positions + 1 and the table gather
     # run in the kernel); the table pads are per sequence (none here: 128 pages fit one split's
-    # table exactly). Every op is checked, in the StableHLO that XLA compiles.
+    # table exactly). Every op is checked, in the StableHLO that XLA compiles. With new_kv the
+    # K/V write runs in the kernel too: no scatter, the caches come back aliased.
     t, hkv, d, page, pages, s = 32, 8, 128, 16, 128, 32
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     md = AttentionMetadata(positions=i32(t), token_seq_ids=i32(t), slot_mapping=i32(t),
                            block_tables=i32(s, pages), seq_lens=i32(s),
                            query_start_loc=i32(s + 1))
     cache = jax.ShapeDtypeStruct((2, hkv, 300, page, d), jnp.bfloat16)
-    fn = jax.jit(lambda q, k, v, layer, md: paged_attention(
+    new = jax.ShapeDtypeStruct((t, hkv, d), jnp.bfloat16)
+    fn = jax.jit(lambda q, k, v, layer, md, new_k, new_v: paged_attention(
         q, k, v, layer, md, scale=d ** -0.5, kernel="mosaic", max_query_len=1, num_splits=1,
-        interpret=False))
+        interpret=False, new_kv=(new_k, new_v) if fused else None))
     text = export.export(fn, platforms=["cuda"])(
         jax.ShapeDtypeStruct((t, hkv * group, d), jnp.bfloat16), cache, cache, i32(),
-        md).mlir_module()
+        md, new, new).mlir_module()
+    if fused:
+        assert len(re.findall(r"output_operand_alias<", text)) == 2
     ops = [re.search(r"= (\"?[\w.]+)", line).group(1).strip('"')
            for line in text.splitlines() if re.search(r"%\S+ = ", line)]
     assert ops.count("stablehlo.custom_call") == 1 and "mosaic_gpu" in text
