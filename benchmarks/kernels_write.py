@@ -19,10 +19,12 @@ from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.reference import paged_attention_reference
 
 # The write_kv rows: kernel alone, XLA scatter then kernel, write fused into the kernel; on the GPU
-# also the Mosaic decode kernel after the scatter and kernel="auto" (the engine's "pallas" backend,
-# which picks one of the two by the grid's size): per-layer cost of each way to run a decode layer.
-WRITE_IMPLS = ("triton", "triton+scatter", "triton+write", "mosaic+scatter", "auto+write")
-GPU_ONLY_WRITE_IMPLS = ("mosaic+scatter", "auto+write")   # the Mosaic interpreter is too slow here
+# also the Mosaic decode kernel after the scatter and with its own fused write, and kernel="auto"
+# (the engine's "pallas" backend, which picks a kernel by the grid's size): per-layer cost of each
+# way to run a decode layer. The Mosaic interpreter is too slow for the GPU-only rows on the CPU.
+WRITE_IMPLS = ("triton", "triton+scatter", "triton+write", "mosaic+scatter", "mosaic+write",
+               "auto+write")
+GPU_ONLY_WRITE_IMPLS = ("mosaic+scatter", "mosaic+write", "auto+write")
 
 
 def rel_err(out, ref):
@@ -33,7 +35,7 @@ def rel_err(out, ref):
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def fused_write_check(rng, b, n_pad, tol, interpret, **kw):
+def fused_write_check(rng, b, n_pad, tol, interpret, kernel="triton", **kw):
     """The decode kernel with this step's K/V written in (``new_kv``) against write_kv then the
     reference: output within ``tol``, the returned caches equal to write_kv's bit for bit. The new
     keys differ from what the cache holds at their slots; padding slots are out of range."""
@@ -48,7 +50,8 @@ def fused_write_check(rng, b, n_pad, tol, interpret, **kw):
     ref = paged_attention_reference(q, want_k, want_v, jnp.int32(1), md, scale=d ** -0.5, **kw)
     try:
         out, k, v = paged_attention(q, *caches, jnp.int32(1), md, scale=d ** -0.5,
-                                    max_query_len=1, new_kv=new_kv, interpret=interpret, **kw)
+                                    max_query_len=1, new_kv=new_kv, interpret=interpret,
+                                    kernel=kernel, **kw)
         err = rel_err(out[:t - n_pad], ref[:t - n_pad])
         exact = bool(jnp.array_equal(k, want_k) and jnp.array_equal(v, want_v))
     except Exception as e:  # noqa: BLE001 - record and go on: the table says what failed
