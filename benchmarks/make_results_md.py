@@ -88,7 +88,36 @@ def _throughput(data: dict) -> list[str]:
                      "executables", "compile s"],
                     [[r["requests_per_second"], r["tokens_per_second"], r["output_tokens_per_second"],
                       r["total_prompt_tokens"], r["total_output_tokens"], r.get("padding_waste_pct"),
-                      r.get("num_executables"), r.get("compile_s")]])]
+                      r.get("num_executables"), r.get("compile_s")]]),
+            *_steps_by_bucket(r)]
+
+
+def _steps_by_bucket(r: dict) -> list[str]:
+    """Wall time by executable shape and decode batch size (files written since `bench throughput`
+    saves them; older files have neither)."""
+    if "steps_by_bucket" not in r:
+        return []
+
+    def kind(x: dict) -> str:         # the executable variant (ModelRunner.all_shapes)
+        return ("decode plain" if x.get("plain") else "decode") if x["decode_only"] else "general"
+
+    def pct(share: float) -> str:
+        return f"{100 * share:.1f}"
+
+    lines = ["", f"Wall time by bucket shape ({_fmt(r.get('step_wall_seconds'))} s charged to steps of "
+                 f"{_fmt(r['elapsed_time'])} s elapsed; each step is charged the engine's time since the "
+                 "previous step was collected):", "",
+             *_table(["tokens", "seqs", "pages", "kind", "steps", "real tokens", "real seqs", "seconds",
+                      "ms/step", "% of time"],
+                     [[x["tokens"], x["seqs"], x.get("pages", "-"), kind(x), x["steps"], x["real_tokens"],
+                       x["real_seqs"], x["seconds"], x["mean_step_ms"], pct(x["share_of_time"])]
+                      for x in r["steps_by_bucket"]])]
+    if r.get("decode_batch_sizes"):
+        lines += ["", "Decode steps (one token per sequence) by batch size:", "",
+                  *_table(["seqs", "steps", "mean seqs", "seconds", "ms/step", "% of time"],
+                          [[x["seqs"], x["steps"], _fmt(x["mean_seqs"], 1), x["seconds"], x["mean_step_ms"],
+                            pct(x["share_of_time"])] for x in r["decode_batch_sizes"]])]
+    return lines
 
 
 def _hf_baseline(data: dict) -> list[str]:
@@ -303,8 +332,8 @@ def _kernel_min(impl: str, field: str, section: str = "decode", where=lambda row
 # Issue 4, kernels.py files (one H200). "busy": device time of the op's kernels per call from a
 # trace; "wall": the timing loop's clock, which also holds launch gaps between the small XLA ops
 # around the kernel (see kernels.py's docstring).
-_KERNELS_H200 = "*-h200-kernels-decode-matrix.json"
-_KERNELS_SMALL_H200 = "*-h200-kernels-decode-small.json"
+# Several runs a day are numbered (-0-glue, -1-fused): the newest date and number wins.
+_KERNELS_H200 = "*-h200-kernels-decode-matrix*.json"
 _PREFILL_H200 = "*-h200-kernels-prefill-mosaic.json"
 _LARGE = dict(where=lambda r: r["batch"] >= 32 and r["context"] >= 2048)
 _ONE_32K = dict(where=lambda r: r["batch"] == 1 and r["context"] == 32768)
@@ -318,9 +347,9 @@ _KERNEL_TARGETS = [
     Target("decode, JAX's own paged_attention, as above (busy)", "record", _KERNELS_H200,
            _kernel_min("jax_pallas_paged", "frac_copy_busy", **_LARGE), "x"),
     Target("decode batch 1 x context 32k, Mosaic kernel, fraction of copy (busy)", ">= 0.7",
-           _KERNELS_SMALL_H200, _kernel_min("pallas_mosaic", "frac_copy_busy", **_ONE_32K), "x"),
+           _KERNELS_H200, _kernel_min("pallas_mosaic", "frac_copy_busy", **_ONE_32K), "x"),
     Target("decode batch 1 x context 32k, Mosaic kernel, by wall clock", ">= 0.7",
-           _KERNELS_SMALL_H200, _kernel_min("pallas_mosaic", "frac_copy", **_ONE_32K), "x"),
+           _KERNELS_H200, _kernel_min("pallas_mosaic", "frac_copy", **_ONE_32K), "x"),
     Target("prefill 2k-8k causal chunks, Mosaic kernel, min fraction of bf16 matmul (busy)", ">= 0.5",
            _PREFILL_H200, _kernel_min("pallas_mosaic", "frac_matmul_busy", section="prefill"), "x"),
     Target("prefill 2k-8k, Triton kernel, min fraction of bf16 matmul (busy)", "record",
