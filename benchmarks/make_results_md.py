@@ -105,8 +105,8 @@ def _steps_by_bucket(r: dict) -> list[str]:
         return f"{100 * share:.1f}"
 
     lines = ["", f"Wall time by bucket shape ({_fmt(r.get('step_wall_seconds'))} s charged to steps of "
-                 f"{_fmt(r['elapsed_time'])} s elapsed; each step is charged the engine's time since the "
-                 "previous step was collected):", "",
+                 f"{_fmt(r['elapsed_time'])} s elapsed; a step is charged the engine's time in step() calls "
+                 "since the previous step's collect, see serving/step_tally.py):", "",
              *_table(["tokens", "seqs", "pages", "kind", "steps", "real tokens", "real seqs", "seconds",
                       "ms/step", "% of time"],
                      [[x["tokens"], x["seqs"], x.get("pages", "-"), kind(x), x["steps"], x["real_tokens"],

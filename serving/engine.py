@@ -29,6 +29,7 @@ from serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOu
 from serving.plan import Logprobs
 from serving.request import Request
 from serving.sampling_params import SamplingParams
+from serving.step_tally import StepTally
 
 logger = logging.getLogger("jaxllm")
 
@@ -129,6 +130,7 @@ class LLMEngine:
         self._children: dict[str, tuple[_Parent, _Child]] = {}     # child req_id -> its parent and itself
         self._ids = itertools.count()
         self.stats = EngineStats()
+        self.step_tally = StepTally()       # steps and wall seconds per executable shape
         self._pending_core: list = []       # step N's scheduler outputs, processed during step N+1
         self._token_texts: dict[int, str] = {}     # token id -> its text (logprobs' decoded_token)
         self.async_scheduling = engine_args.async_scheduling
@@ -236,8 +238,14 @@ class LLMEngine:
         busy, instead of returning them. AsyncLLM hands them to the event loop there, so that its
         consumers run (holding the GIL) while the device computes, not during the host work between
         two device steps (collect, update, schedule, dispatch) that the device waits for."""
-        if self.async_scheduling:
-            return self._step_async(on_outputs)
+        tally = self.step_tally
+        tally.begin_call(time.perf_counter())
+        try:
+            return self._step_async(on_outputs) if self.async_scheduling else self._step_sync(on_outputs)
+        finally:
+            tally.end_call(time.perf_counter(), in_flight=self._in_flight is not None)
+
+    def _step_sync(self, on_outputs) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         flight = self.runner.dispatch(plan)
         pending, self._pending_core = self._pending_core, []
@@ -290,6 +298,7 @@ class LLMEngine:
             st.bucket_padding_ratio = last.padding_ratio
             st.padded_tokens += last.padded_tokens
             st.scheduled_tokens += last.num_tokens
+            self.step_tally.record(last.shape, last.num_tokens, last.num_seqs, time.perf_counter())
 
     def _refresh_scheduler_stats(self) -> EngineStats:
         """Gauges from the scheduler: refreshed after every step, add and abort (metrics read them)."""

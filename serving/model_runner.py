@@ -73,6 +73,13 @@ class StepStats:
     num_seqs: int
     bucket: tuple[int, int, int]
     seconds: float
+    decode_only: bool = False
+    plain: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int, bool, bool]:
+        """The key of the executable that ran the step (see ``all_shapes``)."""
+        return self.bucket + (self.decode_only, self.plain)
 
     @property
     def padding_ratio(self) -> float:
@@ -486,7 +493,7 @@ class ModelRunner:
             lp = self._prompt_lp_exes[t_pad](self._weights, hidden, prompt_lp[0]) if prompt_lp else None
             return out, lp
 
-        stats = StepStats(total, t_pad, num, (t_pad, s_pad, p_pad), 0.0)
+        stats = StepStats(total, t_pad, num, (t_pad, s_pad, p_pad), 0.0, decode_only, plain)
         return _InFlight(order, reqs, slots, samples, self._slot_epoch[slots], self._launch(launch), prompt_lp,
                          stats, start)
 

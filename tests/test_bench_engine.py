@@ -49,6 +49,11 @@ def test_bench_throughput_end_to_end(engine_flags, tmp_path, capsys):
         100 * (res["padded_tokens"] - res["scheduled_tokens"]) / res["scheduled_tokens"])
     assert res["padding_waste_pct"] > 0          # 4 decoding sequences never fill a 16-token bucket
     assert res["itl_ms"]["median"] > 0 and res["num_steps"] >= OUTPUT_LEN
+    # Where the time went, by executable shape (the XLA backend has no decode-only executables).
+    rows = res["steps_by_bucket"]
+    assert sum(r["steps"] for r in rows) == res["num_steps"] and not any(r["decode_only"] for r in rows)
+    assert sum(r["real_tokens"] for r in rows) == res["scheduled_tokens"]
+    assert 0 < res["step_wall_seconds"] <= res["elapsed_time"] and "Steps by bucket" in out
 
 
 def test_bench_buckets_end_to_end(engine_flags, tmp_path, capsys):

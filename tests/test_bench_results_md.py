@@ -93,3 +93,26 @@ def test_kernel_targets_take_the_minimum_over_the_selected_shapes(tmp_path):
     decode.append({"batch": 64, "context": 2048, "pallas_mosaic": {"error": "ValueError: ..."}})
     (tmp_path / "2026-11-22-h200-kernels-decode-matrix.json").write_text(json.dumps(doc))
     assert "fraction of copy (busy) | >= 0.9 | not measured |" in md.render(tmp_path)
+
+
+def test_throughput_section_shows_steps_by_bucket_only_when_saved():
+    md = _load("make_results_md")
+    res = {"requests_per_second": 20.0, "tokens_per_second": 9000.0, "output_tokens_per_second": 4000.0,
+           "total_prompt_tokens": 100000, "total_output_tokens": 90000, "padding_waste_pct": 30.0,
+           "num_executables": 12, "compile_s": 40.0, "elapsed_time": 23.2}
+    doc = {"config": {"dataset": "sharegpt-synthetic", "num_prompts": 500}, "results": res}
+    old = "\n".join(md._throughput(doc))
+    assert "| 20.00 | 9000.00 | 4000.00 | 100000 | 90000 | 30.00 | 12 | 40.00 |" in old
+    assert "Wall time by bucket" not in old and "Decode steps" not in old
+    res.update(step_wall_seconds=23.0, steps_by_bucket=[
+        {"tokens": 256, "seqs": 256, "pages": 64, "decode_only": True, "plain": True, "steps": 900,
+         "real_tokens": 90000, "real_seqs": 90000, "seconds": 12.0, "mean_step_ms": 13.33, "share_of_time": 0.517},
+        {"tokens": 2048, "seqs": 256, "pages": 64, "decode_only": False, "plain": False, "steps": 60,
+         "real_tokens": 100000, "real_seqs": 9000, "seconds": 11.0, "mean_step_ms": 183.33, "share_of_time": 0.474}],
+        decode_batch_sizes=[{"seqs": "129-256", "min_seqs": 129, "max_seqs": 256, "mean_seqs": 200.0, "steps": 900,
+                             "seconds": 12.0, "mean_step_ms": 13.33, "share_of_time": 0.517}])
+    new = "\n".join(md._throughput(doc))
+    assert new.startswith(old) and "23.00 s charged to steps of 23.20 s elapsed" in new
+    assert "| 256 | 256 | 64 | decode plain | 900 | 90000 | 90000 | 12.00 | 13.33 | 51.7 |" in new
+    assert "| 2048 | 256 | 64 | general | 60 | 100000 | 9000 | 11.00 | 183.33 | 47.4 |" in new
+    assert "| 129-256 | 900 | 200.0 | 12.00 | 13.33 | 51.7 |" in new

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from serving.bench.datasets import SampleRequest
 from serving.bench.metrics import RequestResult, summarize
+from serving.bench.step_breakdown import format_step_breakdown, step_breakdown
 
 _request_ids = itertools.count()
 
@@ -70,7 +71,7 @@ def run_engine_workload(llm, requests: Sequence[SampleRequest], *, ignore_eos: b
                         temperature: float = 1.0, top_p: float = 1.0, detokenize: Optional[bool] = None,
                         seed: Optional[int] = None) -> tuple[list[RequestResult], float, dict]:
     """Run ``requests`` to completion on ``llm.engine``; returns (per-request timelines, seconds,
-    engine counter deltas over the run)."""
+    engine counter deltas over the run, with the run's StepTally under "step_tally")."""
     from serving.sampling_params import SamplingParams
 
     if not requests:
@@ -79,6 +80,7 @@ def run_engine_workload(llm, requests: Sequence[SampleRequest], *, ignore_eos: b
     if detokenize is None:
         detokenize = engine.tokenizer is not None
     before = _engine_counters(engine)
+    tally_before = engine.step_tally.copy()
     ids = [f"bench-{next(_request_ids)}" for _ in requests]
     results = {rid: RequestResult(success=False, prompt_len=req.prompt_len) for rid, req in zip(ids, requests)}
     last_time: dict[str, float] = {}
@@ -123,6 +125,7 @@ def run_engine_workload(llm, requests: Sequence[SampleRequest], *, ignore_eos: b
     duration = time.perf_counter() - start
     after = _engine_counters(engine)
     delta = {k: after[k] - before[k] for k in after}
+    delta["step_tally"] = engine.step_tally.since(tally_before)
     return [results[rid] for rid in ids], duration, delta
 
 
@@ -158,6 +161,8 @@ def throughput_results(results: Sequence[RequestResult], duration: float, counte
         "ttft_ms": summarize([r.ttft * 1e3 for r in ok], percentiles),
         "itl_ms": summarize([g * 1e3 for r in ok for g in r.itl], percentiles),
     }
+    if "step_tally" in counters:
+        out.update(step_breakdown(counters["step_tally"], duration))
     return out
 
 
@@ -171,4 +176,6 @@ def format_throughput(res: dict) -> str:
     lines.append(f"Engine: {res['num_steps']} steps, padding waste {res['padding_waste_pct']:.1f}%, "
                  f"{res['num_preemptions']} preemptions, prefix-cache hit rate {100 * res['prefix_cache_hit_rate']:.1f}%, "
                  f"{res['compilations_during_run']} compilations during the run")
+    if "steps_by_bucket" in res:
+        lines.append(format_step_breakdown(res))
     return "\n".join(lines)
