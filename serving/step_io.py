@@ -8,6 +8,11 @@ the step. Here the host packs every input into one int32 vector (float32/uint32 
 bools as 0/1) and the compiled step unpacks it with static slices; the outputs come back the same
 way, as one int32 matrix.
 
+Every leaf starts at a multiple of 64 words (256 bytes) of the vector. XLA hands a static slice of a
+parameter to a custom call as a sub-buffer of it, without a copy, and Mosaic GPU kernels reject
+operands that are not 256-byte aligned: the block tables once reached the fused-write Mosaic decode
+kernel at an unaligned offset ("Input buffer 3 is not 256-byte aligned", H100, batch 8).
+
 The layout is the flattened pytree of an example (or abstract) value, so a step's packer and its
 executable always agree: both are built from ``_abstract_inputs`` of the same bucket.
 """
@@ -15,11 +20,20 @@ executable always agree: both are built from ``_abstract_inputs`` of the same bu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+# Leaf offsets in the packed vector are multiples of this many int32 words (256 bytes; see above).
+ALIGN_WORDS = 64
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN_WORDS) * ALIGN_WORDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,28 +51,35 @@ class PackedLayout:
                 raise TypeError(f"only 4-byte and bool leaves can be packed, got {dt}")
         return cls(treedef, tuple(tuple(x.shape) for x in leaves), tuple(np.dtype(x.dtype) for x in leaves))
 
-    @property
+    @functools.cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """Each leaf's first word in the packed vector: 256-byte aligned."""
+        out, off = [], 0
+        for shape in self.shapes:
+            out.append(off)
+            off += _aligned(math.prod(shape))
+        return tuple(out)
+
+    @functools.cached_property
     def size(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
+        return sum(_aligned(math.prod(s)) for s in self.shapes)
 
     def pack(self, tree) -> np.ndarray:
         """Host side: the leaves of ``tree`` (numpy-convertible, matching the layout) as one int32 vector."""
         leaves = jax.tree.leaves(tree)
-        out = np.empty(self.size, np.int32)
-        off = 0
-        for leaf, shape, dt in zip(leaves, self.shapes, self.dtypes, strict=True):
+        out = np.zeros(self.size, np.int32)                   # the alignment gaps stay 0
+        for leaf, shape, dt, off in zip(leaves, self.shapes, self.dtypes, self.offsets, strict=True):
             a = np.asarray(leaf, dtype=dt)
             if a.shape != shape:
                 raise ValueError(f"packed leaf has shape {a.shape}, layout says {shape}")
             n = a.size
             out[off:off + n] = a.reshape(-1).astype(np.int32) if dt == np.bool_ else a.reshape(-1).view(np.int32)
-            off += n
         return out
 
     def unpack(self, packed):
         """Device side (inside jit): the pytree back from the int32 vector, by static slices."""
-        leaves, off = [], 0
-        for shape, dt in zip(self.shapes, self.dtypes):
+        leaves = []
+        for shape, dt, off in zip(self.shapes, self.dtypes, self.offsets):
             n = math.prod(shape)
             words = packed[off:off + n].reshape(shape)
             if dt == np.bool_:
@@ -67,7 +88,6 @@ class PackedLayout:
                 leaves.append(words)
             else:
                 leaves.append(jax.lax.bitcast_convert_type(words, dt))
-            off += n
         return jax.tree.unflatten(self.treedef, leaves)
 
 

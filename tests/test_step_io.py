@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from serving.step_io import PackedLayout, pack_rows, unpack_rows
+from serving.step_io import ALIGN_WORDS, PackedLayout, pack_rows, unpack_rows
 
 
 def _tree(rng):
@@ -23,7 +23,7 @@ def test_pack_then_unpack_in_jit_is_bit_exact():
     tree["temps"][1, 1] = -np.float32("inf")
     layout = PackedLayout.of(tree)
     packed = layout.pack(tree)
-    assert packed.dtype == np.int32 and packed.shape == (layout.size,) == (7 + 6 + 6 + 5 + 1,)
+    assert packed.dtype == np.int32 and packed.shape == (layout.size,) == (5 * ALIGN_WORDS,)
     back = jax.device_get(jax.jit(layout.unpack)(packed))
     for key, value in tree.items():
         got = np.asarray(back[key])
@@ -31,10 +31,26 @@ def test_pack_then_unpack_in_jit_is_bit_exact():
         assert np.asarray(value).tobytes() == got.tobytes(), key
 
 
+def test_every_leaf_starts_256_byte_aligned():
+    """XLA passes a static slice of the packed parameter to a custom call as a sub-buffer, and Mosaic
+    GPU kernels reject operands that are not 256-byte aligned (block tables at batch 8 on an H100)."""
+    tree = {"a": np.zeros(3, np.int32), "b": np.zeros((64,), np.float32), "c": np.zeros((5, 13), np.int32),
+            "d": np.zeros(1, np.bool_), "e": np.zeros((2, 64), np.int32)}
+    layout = PackedLayout.of(tree)
+    assert ALIGN_WORDS * 4 == 256
+    assert layout.offsets == (0, 64, 128, 256, 320)        # c (65 words) takes two blocks
+    assert layout.size == 448
+    packed = layout.pack({k: np.full(v.shape, i + 1, v.dtype) for i, (k, v) in enumerate(tree.items())})
+    gaps = np.ones(layout.size, bool)
+    for off, shape in zip(layout.offsets, layout.shapes):
+        gaps[off:off + int(np.prod(shape))] = False
+    assert (packed[gaps] == 0).all() and (packed[~gaps] != 0).all()
+
+
 def test_layout_from_abstract_values_and_shape_mismatch():
     abstract = (jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((2, 3), jnp.float32))
     layout = PackedLayout.of(abstract)
-    assert layout.size == 10
+    assert layout.size == 2 * ALIGN_WORDS
     with pytest.raises(ValueError, match="shape"):
         layout.pack((np.zeros(5, np.int32), np.zeros((2, 3), np.float32)))
     with pytest.raises(TypeError, match="4-byte"):
