@@ -230,7 +230,8 @@ _SUITE = "*-h100-8b-"
 # 1-packed: batch 1 and 64 plus a 2k-token prefill; 2-B-mindec2: batch 1 with the 2-row decode
 # executables (ModelRunner.min_decode_tokens = 2, the default since); 3-async: batch 1 and 64 with
 # async scheduling (the default since); E-kvwrite: batch 1 and 64 with the K/V write fused into the
-# Triton decode kernel (the default since bdbea8f).
+# Triton decode kernel (the default since bdbea8f); A-auto-fused: the engine's default kernel="auto"
+# with the K/V write fused into the Mosaic decode kernel too (d641353).
 _PROFILE = "*-h100-decode-profile-"
 
 
@@ -247,11 +248,11 @@ def _served_over(figure: str, target: str, served: str, base: str, suite: str = 
 # superseded by the gpu_profile and suite rows below; their sections further down keep them.
 _TARGETS = [
     Target("batch-1 decode step, 8B bf16, context 512, H100 (gpu_profile, unprofiled median)", "<= 5.8 ms",
-           _PROFILE + "E-kvwrite.json", ("runs", 0, "step_ms_unprofiled_median"), "ms"),
+           _PROFILE + "A-auto-fused.json", ("runs", 0, "step_ms_unprofiled_median"), "ms"),
     Target("prefill of a 2k-token prompt: model TFLOP/s / dense bf16 matmul TFLOP/s, same run, H100", ">= 0.5",
            _PROFILE + "1-packed.json", ("prefill", "mfu_vs_matmul"), "x"),
     Target("GPU idle share of a decode step at batch 64, context 512 (profile), H100", "<= 0.1",
-           _PROFILE + "E-kvwrite.json", ("runs", 1, "idle_fraction"), ""),
+           _PROFILE + "A-auto-fused.json", ("runs", 1, "idle_fraction"), ""),
     Target("start-up, 8B, 8 executables, with the compilation cache, H100 (gpu_profile)", "<= 60 s",
            _PROFILE + "1-packed-t1-cached.json", ("startup_s",), "s"),
     Target("offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100", ">= 40 req/s (vLLM v0.6 ~36.5)",
@@ -293,8 +294,9 @@ _TARGETS = [
 
 # Issue 6, on 2 / 4 x H200. gpu_profile files: tp1-f82dc35 (TP1, two runs in one call), tp2-launch-thread
 # and tp2-no-launch-thread (one call, 48a41ac: the runner's launch thread on / off); TP1's path has
-# no launch thread, so its figure from the call before stands. gpu_sharding's merged file is older
-# (227f561, before the launch thread).
+# no launch thread, so its figure from the call before stands. gpu_sharding: the TP2/TP1 row reads the
+# merged file of 2026-11-21 (227f561, before the launch thread; TP2 hit its compile timeout in the
+# 2026-11-22 run), the 70B row the newest.
 _PROFILE_H200 = "*-h200-decode-profile-"
 _SHARDING_H200 = "*-h200x4-sharding.json"
 _MULTI_GPU_TARGETS = [
@@ -311,10 +313,13 @@ _MULTI_GPU_TARGETS = [
            (_PROFILE_H200 + "tp2-launch-thread.json", _PROFILE_H200 + "tp1-f82dc35.json"),
            ("runs", 1, "step_ms_unprofiled_median"), "x"),
     Target("batch-1 ITL TP2 / TP1, 8B (gpu_sharding, before the launch thread)", "<= 0.6",
-           _SHARDING_H200, ("results", "targets", "tp2_itl_over_tp1", "value"), "x"),
-    Target("70B TP4 batch-1 ITL / roofline (weights / (4 x copy bandwidth)), 4 x H200 (gpu_sharding, before "
-           "the launch thread)", "<= 1.3", _SHARDING_H200,
-           ("results", "targets", "70b_tp4_itl_over_roofline", "value"), "x"),
+           "2026-11-21-h200x4-sharding.json", ("results", "targets", "tp2_itl_over_tp1", "value"), "x"),
+    Target("70B TP4 batch-1 ITL / roofline (weights / (4 x copy bandwidth)), 4 x H200 (gpu_sharding)",
+           "<= 1.3", _SHARDING_H200, ("results", "targets", "70b_tp4_itl_over_roofline", "value"), "x"),
+    # gpu_profile of the same shape: the step's device time by category (GEMMs, all-reduces, ...).
+    Target("70B TP4 batch-1 decode step / roofline, 4 x H200 (gpu_profile, unprofiled median)", "<= 1.3",
+           (_PROFILE_H200 + "70b-tp4-control.json", _PROFILE_H200 + "70b-tp4-control.json"),
+           (("runs", 0, "step_ms_unprofiled_median"), ("roofline_ms",)), "x"),
 ]
 
 
