@@ -25,6 +25,20 @@ separated): command buffers off, the one-shot all-reduce kernel, collectives ins
     XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
         python benchmarks/tp_dispatch_probe.py --tp 1,2 --layers 2 --hidden 256 --mlp 512 --steps 5  # CPU smoke
 
+``--envs``: '|'-separated environment assignments (``NCCL_PROTO=LL NCCL_ALGO=Ring``), one child
+process each, crossed with ``--flags``: NCCL's protocol and algorithm for the small all-reduces of a
+batch-1 step. The table's "AR us" is the cost of one all-reduce inside the step: (step ms with the
+all-reduces - step ms without) / (2 x layers), per process. On 4 x H200 the 70B TP4 engine step
+spends 2.56 ms in 163 all-reduces of 16 KiB (15.7 us each; XLA's one-shot kernel: 24.5 us), the
+largest cost beside the weight-streaming GEMMs (results/2026-11-22-h200-decode-profile-70b-tp4-*.json):
+
+    python benchmarks/tp_dispatch_probe.py --tp 4 --layers 80 --hidden 8192 --mlp 7168 --steps 100 \
+        --envs "|NCCL_PROTO=LL|NCCL_PROTO=LL128|NCCL_ALGO=Tree|NCCL_ALGO=Ring NCCL_PROTO=LL" \
+        --flags "|--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" --json $OUT/ar.json
+
+NVLink multicast stays off (the GPU machines' rule): a variant that sets NCCL_NVLS_ENABLE to
+anything but 0 is refused.
+
 Writes the table as JSON to ``--json`` if given.
 """
 
@@ -116,7 +130,7 @@ def probe(tp: int, *, layers: int, hidden: int, mlp: int, batch: int, steps: int
     sync = []
     for i in range(max(5, steps // 4)):
         w = time.perf_counter()
-        x, cache = step(w_up, w_down, cache, x, pos_args[i])
+        x, cache = step(w_up, w_down, cache, x, pos_args[i % steps])
         jax.block_until_ready((x, cache))
         sync.append(time.perf_counter() - w)
     med = lambda v: round(float(np.median(v)) * 1e3, 4)  # noqa: E731
@@ -138,18 +152,50 @@ def run_variants(args) -> list[dict]:
             r = probe(tp, layers=args.layers, hidden=args.hidden, mlp=args.mlp, batch=args.batch, steps=args.steps,
                       collectives=collectives, donate=donate, host_input=host_input, depth=args.depth)
             r["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+            r["env"] = os.environ.get(_VARIANT_ENV, "")
             rows.append(r)
             print(json.dumps(r), flush=True)
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"\n{'XLA_FLAGS':<58} {'tp':>2} {'coll':>4} {'don':>3} {'host':>4} "
-          f"{'call ms':>8} {'call cpu':>8} {'step ms':>8} {'sync ms':>8}")
+# The child's variant environment, recorded in its rows (set by the parent for --envs).
+_VARIANT_ENV = "TP_PROBE_VARIANT_ENV"
+
+
+def add_allreduce_us(rows: list[dict], layers: int) -> None:
+    """Each row gets ``allreduce_us``: per (process variant, tp), the donated host-input step with
+    all-reduces minus the one without, over the step's 2 x layers all-reduces (None at TP1)."""
+    base = {(r["env"], r["xla_flags"], r["tp"]): r["step_ms"] for r in rows
+            if not r["collectives"] and r["donate"] and r["host_input"] and r["tp"] > 1}
     for r in rows:
-        print(f"{r['xla_flags'][:58]:<58} {r['tp']:>2} {'y' if r['collectives'] else 'n':>4} "
+        off = base.get((r["env"], r["xla_flags"], r["tp"]))
+        on = r["collectives"] and r["donate"] and r["host_input"]
+        r["allreduce_us"] = round((r["step_ms"] - off) * 1e3 / (2 * layers), 2) if on and off is not None else None
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'env':<28} {'XLA_FLAGS':<40} {'tp':>2} {'coll':>4} {'don':>3} {'host':>4} "
+          f"{'call ms':>8} {'call cpu':>8} {'step ms':>8} {'sync ms':>8} {'AR us':>7}")
+    for r in rows:
+        ar = r.get("allreduce_us")
+        print(f"{r.get('env', '')[:28]:<28} {r['xla_flags'][:40]:<40} {r['tp']:>2} "
+              f"{'y' if r['collectives'] else 'n':>4} "
               f"{'y' if r['donate'] else 'n':>3} {'y' if r['host_input'] else 'n':>4} {r['call_ms']:>8.3f} "
-              f"{r['call_cpu_ms']:>8.3f} {r['step_ms']:>8.3f} {r['sync_ms']:>8.3f}")
+              f"{r['call_cpu_ms']:>8.3f} {r['step_ms']:>8.3f} {r['sync_ms']:>8.3f} "
+              f"{'-' if ar is None else format(ar, '.2f'):>7}")
+
+
+def parse_env(assignments: str) -> dict:
+    """'A=1 B=x' -> {"A": "1", "B": "x"}; NVLink multicast may not be switched on."""
+    env = {}
+    for item in assignments.split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--envs: expected NAME=VALUE, got {item!r}")
+        env[key] = value
+    if env.get("NCCL_NVLS_ENABLE", "0") != "0":
+        raise SystemExit("--envs: NCCL_NVLS_ENABLE must stay 0 (NVLink multicast is off on these machines)")
+    return env
 
 
 def main(argv=None) -> list[dict]:
@@ -163,11 +209,14 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--depth", type=int, default=2, help="most steps in flight (the engine's async scheduling: 2)")
     p.add_argument("--flags", default=None,
                    help="'|'-separated XLA_FLAGS strings, one child process each (default: this process only)")
+    p.add_argument("--envs", default=None,
+                   help="'|'-separated environment assignments ('NCCL_PROTO=LL NCCL_ALGO=Ring'), one child "
+                        "process each, crossed with --flags")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
-    if args.flags is None or args.child:
+    if (args.flags is None and args.envs is None) or args.child:
         rows = run_variants(args)
         if args.child:
             print("ROWS " + json.dumps(rows), flush=True)
@@ -175,18 +224,26 @@ def main(argv=None) -> list[dict]:
     else:
         rows = []
         child_argv = list(argv if argv is not None else sys.argv[1:])
-        i = child_argv.index("--flags")
-        del child_argv[i:i + 2]
-        for flags in args.flags.split("|"):
-            env = dict(os.environ, XLA_FLAGS=flags.strip())
-            print(f"#### XLA_FLAGS='{flags.strip()}'", flush=True)
-            proc = subprocess.run([sys.executable, __file__, *child_argv, "--child"], env=env,
-                                  capture_output=True, text=True)
-            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")]
-            if proc.returncode or not found:
-                print(f"child failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
-                continue
-            rows += json.loads(found[-1][5:])
+        for opt in ("--flags", "--envs"):
+            if opt in child_argv:
+                i = child_argv.index(opt)
+                del child_argv[i:i + 2]
+        flag_list = [os.environ.get("XLA_FLAGS", "")] if args.flags is None else args.flags.split("|")
+        env_list = [""] if args.envs is None else args.envs.split("|")
+        for assignments in env_list:
+            extra = parse_env(assignments)
+            for flags in flag_list:
+                env = dict(os.environ, **extra, XLA_FLAGS=flags.strip())
+                env[_VARIANT_ENV] = assignments.strip()
+                print(f"#### env='{assignments.strip()}' XLA_FLAGS='{flags.strip()}'", flush=True)
+                proc = subprocess.run([sys.executable, __file__, *child_argv, "--child"], env=env,
+                                      capture_output=True, text=True)
+                found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")]
+                if proc.returncode or not found:
+                    print(f"child failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+                    continue
+                rows += json.loads(found[-1][5:])
+    add_allreduce_us(rows, args.layers)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
