@@ -182,8 +182,38 @@ def _startup(data: dict) -> list[str]:
                      "compile / load s", "weights (+ KV) s", "executables", "launch to ready s"], rows)]
 
 
+def _schedule_bound(data: dict) -> list[str]:
+    """benchmarks/schedule_bound.py: the scheduler's steps priced per ladder, and the lower bound."""
+    r, c = data["results"], data.get("config", {})
+    w, sim, lb = r["workload"], r["simulation"], r["lower_bound"]
+    rows = [[f"{','.join(map(str, x['token_buckets']))} x {','.join(map(str, x['seq_buckets']))}", x["num_steps"],
+             x["padded_tokens"], x["predicted_elapsed_s"], x["requests_per_second"], x["seconds_by_kind"]["decode"],
+             x["seconds_by_kind"]["mixed"], x["estimated_seconds"]] for x in r["ladders"]]
+    parts = lb["parts_s"]
+    lines = [f"Host-only simulation: the engine's scheduler on {w['dataset']} ({w['num_prompts']} prompts, seed "
+             f"{w['seed']}, max_num_seqs {c.get('max_num_seqs')}, max_num_batched_tokens "
+             f"{c.get('max_num_batched_tokens')}): {sim['num_steps']} steps, {sim['decode_only_steps']} of them "
+             "decode-only; each step priced at its bucket's measured step time (interpolated by tokens where "
+             "never measured: \"estimated\").", "",
+             *_table(["ladder (tokens x seqs)", "steps", "padded tokens", "predicted s", "req/s", "decode s",
+                      "mixed s", "s at estimated costs"], rows), "",
+             f"**Lower bound for any schedule without multi-token decoding: {_fmt(lb['elapsed_s'])} s = at most "
+             f"{_fmt(lb['max_requests_per_second'])} req/s** (steps and tokens {_fmt(parts['steps_and_tokens_lp'])} s "
+             f"+ KV reads {_fmt(parts['kv_reads'])} s; {lb['min_steps']} steps of at least "
+             f"{_fmt(lb['step_floor_ms'], 3)} ms for the longest request). {lb['formula']}."]
+    m = r.get("measured")
+    if m:
+        lines += ["", f"Measured ({m['file']}, {m['device']}): {_fmt(m['elapsed_s'])} s, "
+                      f"{_fmt(m['requests_per_second'])} req/s, {m['num_steps']} steps, {m['padded_tokens']} padded "
+                      f"tokens" + ("" if m["same_workload"] else " (a different workload or limits)") + "."]
+    lines += ["", "Step costs:", "", *_table(["kind", "tokens", "ms", "attention ms", "source"],
+                                             [[x["kind"], x["tokens"], _fmt(x["ms"], 3), x["attention_ms"],
+                                               x["source"]] for x in r["cost_points"]])]
+    return lines
+
+
 _RENDERERS = {"throughput-vs-hf": _throughput_vs_hf, "throughput": _throughput, "hf-baseline": _hf_baseline,
-              "serve": _serve, "buckets": _buckets, "startup": _startup}
+              "serve": _serve, "buckets": _buckets, "startup": _startup, "schedule-bound": _schedule_bound}
 
 
 def _flat(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
