@@ -55,7 +55,9 @@ tp2-no-launch-thread||--tensor-parallel-size 2|JAXLLM_LAUNCH_THREAD=0"
 VARIANTS=${VARIANTS:-$DEFAULT_VARIANTS}
 # A cold 8B compile of the variant's ladder took 130-230 s on 2 x H200 (session 6: one TP1 control
 # missed a 230 s guard), so the default leaves room; a warm compilation cache takes ~15 s.
-GUARD_S=${GUARD_S:-300}
+# Seconds a variant may take. A cold compile of an 8B ladder with 3-4 decode batches ran past 285 s
+# on an H100 (2026-11-22): on an empty cache give one variant a call (the run tool's 600 s limit).
+GUARD_S=${GUARD_S:-480}
 tags=()
 while IFS='|' read -r tag flags extra envs; do
   [ -z "$tag" ] && continue
