@@ -27,16 +27,28 @@ class BucketLadder:
     token_buckets: tuple[int, ...]
     seq_buckets: tuple[int, ...]
     page_buckets: tuple[int, ...]
+    # Sequence buckets of the decode-only executables (one token per sequence; the runner's
+    # ``decode_buckets``); empty: ``seq_buckets``. Decode-only steps are most steps and compile
+    # cheaply (tokens == seqs), so they can have a finer ladder than the mixed steps: on sharegpt-
+    # synthetic most decode steps run 2-63 sequences, padded to 64 by the GPU's (1, 64, 256)
+    # (benchmarks/schedule_bound.py: 765 of 1995 steps, 30% of the predicted time).
+    decode_seq_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("token_buckets", "seq_buckets", "page_buckets"):
+        if not self.decode_seq_buckets:
+            object.__setattr__(self, "decode_seq_buckets", self.seq_buckets)
+        if self.decode_seq_buckets[-1] != self.seq_buckets[-1]:
+            raise ValueError(f"decode_seq_buckets must end at the largest seq bucket {self.seq_buckets[-1]}, "
+                             f"got {self.decode_seq_buckets}")
+        for name in ("token_buckets", "seq_buckets", "page_buckets", "decode_seq_buckets"):
             ladder = getattr(self, name)
             if not ladder or list(ladder) != sorted(set(ladder)) or ladder[0] <= 0:
                 raise ValueError(f"{name} must be a strictly increasing list of positive integers, got {ladder}")
 
     @classmethod
     def build(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int,
-              token_buckets=None, seq_buckets=None, paged_width_buckets: bool = True) -> "BucketLadder":
+              token_buckets=None, seq_buckets=None, decode_seq_buckets=None,
+              paged_width_buckets: bool = True) -> "BucketLadder":
         """Default ladders, or the user's with their top raised/lowered to the engine limits."""
         if token_buckets is None:
             token_buckets = _pow2_ladder(16, max_num_batched_tokens, 4)
@@ -44,11 +56,14 @@ class BucketLadder:
             seq_buckets = _pow2_ladder(min(8, max_num_seqs), max_num_seqs, 4)
         token_buckets = tuple(b for b in token_buckets if b < max_num_batched_tokens) + (max_num_batched_tokens,)
         seq_buckets = tuple(b for b in seq_buckets if b < max_num_seqs) + (max_num_seqs,)
+        decode_seq_buckets = () if decode_seq_buckets is None else (
+            tuple(b for b in decode_seq_buckets if b < max_num_seqs) + (max_num_seqs,))
         if paged_width_buckets:
             page_buckets = _pow2_ladder(min(8, max_pages_per_seq), max_pages_per_seq, 4)
         else:
             page_buckets = (max_pages_per_seq,)
-        return cls(tuple(sorted(set(token_buckets))), tuple(sorted(set(seq_buckets))), page_buckets)
+        return cls(tuple(sorted(set(token_buckets))), tuple(sorted(set(seq_buckets))), page_buckets,
+                   tuple(sorted(set(decode_seq_buckets))))
 
     @staticmethod
     def _fit(ladder, n: int, what: str) -> int:
@@ -61,6 +76,10 @@ class BucketLadder:
         return (self._fit(self.token_buckets, num_tokens, "num_tokens"),
                 self._fit(self.seq_buckets, num_seqs, "num_seqs"),
                 self._fit(self.page_buckets, max_pages, "pages_per_seq"))
+
+    def decode_seqs(self, num_seqs: int) -> int:
+        """The sequence bucket of a decode-only step of ``num_seqs`` sequences."""
+        return self._fit(self.decode_seq_buckets, num_seqs, "num_seqs")
 
     def all_shapes(self) -> list[tuple[int, int, int]]:
         """Every (tokens, seqs, pages) a step can select: a step never has more sequences than tokens,

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default; --no-async-scheduling steps synchronously)")
     c.add_argument("--token-buckets", default=None, help="comma-separated token-count buckets compiled ahead")
     c.add_argument("--seq-buckets", default=None, help="comma-separated batch-size buckets compiled ahead")
+    c.add_argument("--decode-seq-buckets", default=None,
+                   help="batch-size buckets of the decode-only executables (Pallas attention); default: --seq-buckets")
     c.add_argument("--compilation-cache-dir", default=None, help="persistent XLA compilation cache directory")
 
     p = serve.add_argument_group("parallelism")

@@ -59,6 +59,7 @@ class EngineArgs:
     generation_config: str = "auto"            # "auto" (from the model), "vllm" (ignore it), or a dir
     token_buckets: Optional[tuple[int, ...]] = None
     seq_buckets: Optional[tuple[int, ...]] = None
+    decode_seq_buckets: Optional[tuple[int, ...]] = None   # decode-only steps' ladder; None: seq_buckets
     compilation_cache_dir: Optional[str] = None
     served_model_name: Optional[str] = None
     # Keep one step in flight: schedule and launch step N+1 before collecting step N (vLLM's
@@ -109,6 +110,7 @@ class EngineArgs:
               f"process_id must be below num_processes ({self.num_processes}); got {self.process_id}")
         object.__setattr__(self, "token_buckets", _parse_ladder(self.token_buckets, "token_buckets"))
         object.__setattr__(self, "seq_buckets", _parse_ladder(self.seq_buckets, "seq_buckets"))
+        object.__setattr__(self, "decode_seq_buckets", _parse_ladder(self.decode_seq_buckets, "decode_seq_buckets"))
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -148,6 +148,7 @@ def build_engine_parts(args: EngineArgs) -> dict:
                                 max_pages_per_seq=max_pages_per_seq,
                                 token_buckets=args.token_buckets or defaults.get("token_buckets"),
                                 seq_buckets=args.seq_buckets or defaults.get("seq_buckets"),
+                                decode_seq_buckets=args.decode_seq_buckets,
                                 paged_width_buckets=attn_name == "xla")
     gen_eos = resolved.generation_config.get("eos_token_id")
     gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])

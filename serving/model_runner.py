@@ -240,7 +240,7 @@ class ModelRunner:
         shapes = [(t, s, p, False, False) for t, s, p in self.ladder.all_shapes()]
         if self.decode_buckets:
             shapes += [(self._decode_tokens(s), s, p, True, plain)
-                       for s in self.ladder.seq_buckets for p in self.ladder.page_buckets
+                       for s in self.ladder.decode_seq_buckets for p in self.ladder.page_buckets
                        for plain in (False, True)]
         return shapes
 
@@ -438,6 +438,7 @@ class ModelRunner:
         t_pad, s_pad, p_pad = self.ladder.select(total, num, int(self._num_pages[slots].max()))
         decode_only = self.decode_buckets and total == num
         if decode_only:
+            s_pad = self.ladder.decode_seqs(num)
             t_pad = self._decode_tokens(s_pad)
 
         ends = np.cumsum(counts)

@@ -20,6 +20,23 @@ def test_ladder_tops_are_the_engine_limits_and_select_fits():
     assert user.token_buckets == (16, 64, 100) and user.seq_buckets == (4, 8)
 
 
+def test_decode_seq_ladder_defaults_to_the_seq_ladder_and_ends_at_its_top():
+    b = BucketLadder.build(max_num_batched_tokens=2048, max_num_seqs=256, max_pages_per_seq=8,
+                           token_buckets=(512, 2048), seq_buckets=(1, 64, 256))
+    assert b.decode_seq_buckets == b.seq_buckets == (1, 64, 256)
+    fine = BucketLadder.build(max_num_batched_tokens=2048, max_num_seqs=200, max_pages_per_seq=8,
+                              token_buckets=(512, 2048), seq_buckets=(1, 64, 256),
+                              decode_seq_buckets=(8, 1, 16, 32, 64, 128, 256, 512))
+    assert fine.seq_buckets == (1, 64, 200)
+    assert fine.decode_seq_buckets == (1, 8, 16, 32, 64, 128, 200)      # sorted, top = max_num_seqs
+    assert [fine.decode_seqs(n) for n in (1, 2, 9, 33, 65, 129, 200)] == [1, 8, 16, 64, 128, 200, 200]
+    assert fine.select(9, 9, 8) == (512, 64, 8)          # mixed steps keep the coarse seq ladder
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        fine.decode_seqs(201)
+    with pytest.raises(ValueError, match="must end at the largest seq bucket 256"):
+        BucketLadder((512,), (1, 256), (8,), (1, 128))
+
+
 def test_all_shapes_cover_every_selectable_step():
     b = BucketLadder.build(max_num_batched_tokens=256, max_num_seqs=64, max_pages_per_seq=128)
     shapes = set(b.all_shapes())
