@@ -233,10 +233,9 @@ class ModelRunner:
 
     def all_shapes(self) -> list[tuple[int, int, int, bool, bool]]:
         """(tokens, seqs, pages, decode_only, plain_sampler) of every executable. Decode-only steps (one
-        token per sequence) get their own executables with tokens == seqs when ``decode_buckets`` is
-        on, twice: with the full sampler and with the branch-free one for plain batches (the common
-        decode batch; see ``sampler.sample``'s ``plain``), which keeps the step one CUDA graph the
-        host never waits inside."""
+        token per sequence) get their own executables with tokens == seqs (the ladder's decode seq
+        buckets) when ``decode_buckets`` is on, twice: with the full sampler and with the branch-free
+        one for plain batches (``sampler.sample``'s ``plain``): one CUDA graph the host never waits in."""
         shapes = [(t, s, p, False, False) for t, s, p in self.ladder.all_shapes()]
         if self.decode_buckets:
             shapes += [(self._decode_tokens(s), s, p, True, plain)

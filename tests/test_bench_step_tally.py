@@ -8,17 +8,14 @@ import pytest
 from serving import LLM
 from serving.bench.datasets import SampleRequest
 from serving.bench.throughput import format_throughput, run_engine_workload, throughput_results, warm_up
-from tests.tiny_models import make_tiny_hf_model
+from tests.tiny_models import PALLAS_DECODE_ENGINE, make_tiny_pallas_llama
 
-ENGINE = dict(dtype="float32", token_buckets=[32], seq_buckets=[1, 8], max_num_batched_tokens=32,
-              max_num_seqs=8, max_model_len=96, block_size=16, kv_cache_memory=8 * 2 ** 20,
-              attention_backend="pallas")
+ENGINE = PALLAS_DECODE_ENGINE
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    path, _ = make_tiny_hf_model("llama", tmp_path_factory.mktemp("llama-tally"), hidden_size=128,
-                                 num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    path = make_tiny_pallas_llama(tmp_path_factory.mktemp("llama-tally"))
     return LLM(str(path), **ENGINE)
 
 

@@ -202,3 +202,17 @@ def load_hf_gguf_reference(gguf_path: str | None = None):
     p = Path(gguf_path)
     return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
                                                 dtype=torch.float32).eval()
+
+
+# A tiny Llama served with the Pallas backend (interpreted on the CPU), so the runner compiles its
+# decode-only executables beside the general ones: engine tests that look at which executables ran.
+PALLAS_DECODE_ENGINE = dict(dtype="float32", token_buckets=[32], seq_buckets=[1, 8], max_num_batched_tokens=32,
+                            max_num_seqs=8, max_model_len=96, block_size=16, kv_cache_memory=8 * 2 ** 20,
+                            attention_backend="pallas")
+
+
+def make_tiny_pallas_llama(out_dir: str | os.PathLike) -> str:
+    """The model directory for ``PALLAS_DECODE_ENGINE``: 2 layers, hidden 128, 4 q / 2 kv heads."""
+    path, _ = make_tiny_hf_model("llama", out_dir, hidden_size=128, num_attention_heads=4,
+                                 num_key_value_heads=2, num_hidden_layers=2)
+    return str(path)
