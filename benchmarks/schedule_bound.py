@@ -193,11 +193,12 @@ def simulate(requests: Sequence[ds.SampleRequest], *, max_model_len: int, max_nu
 
 # --- per-ladder prediction --------------------------------------------------------------------------
 def ladder_for(token_buckets, seq_buckets, *, max_num_batched_tokens: int, max_num_seqs: int,
-               max_model_len: int, block_size: int) -> BucketLadder:
+               max_model_len: int, block_size: int, decode_seq_buckets=None) -> BucketLadder:
     # One page width: the Pallas kernels' (GPU default attention) ladder.
     return BucketLadder.build(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                               max_pages_per_seq=-(-max_model_len // block_size), token_buckets=token_buckets,
-                              seq_buckets=seq_buckets, paged_width_buckets=False)
+                              seq_buckets=seq_buckets, decode_seq_buckets=decode_seq_buckets,
+                              paged_width_buckets=False)
 
 
 def bucket_of(ladder: BucketLadder, tokens: int, seqs: int) -> tuple[int, int, int, bool, bool]:
@@ -205,6 +206,7 @@ def bucket_of(ladder: BucketLadder, tokens: int, seqs: int) -> tuple[int, int, i
     sampler variant (plain) is not modelled: always False."""
     t_pad, s_pad, p_pad = ladder.select(tokens, seqs, ladder.page_buckets[-1])
     decode_only = tokens == seqs
+    s_pad = ladder.decode_seqs(seqs) if decode_only else s_pad      # the runner's decode seq ladder
     return (max(s_pad, MIN_DECODE_TOKENS) if decode_only else t_pad), s_pad, p_pad, decode_only, False
 
 
@@ -228,6 +230,7 @@ def predict(sim: Simulation, ladder: BucketLadder, costs: CostModel, num_request
     by_kind = {kind: sum(r["seconds"] for r in rows if r["decode_only"] == (kind == "decode"))
                for kind in ("decode", "mixed")}
     return {"token_buckets": list(ladder.token_buckets), "seq_buckets": list(ladder.seq_buckets),
+            "decode_seq_buckets": list(ladder.decode_seq_buckets),
             "num_steps": len(sim.steps), "predicted_elapsed_s": clock,
             "requests_per_second": num_requests / clock, "output_tokens_per_second": output_tokens / clock,
             "padded_tokens": padded, "seconds_by_kind": by_kind,
@@ -330,7 +333,10 @@ def format_report(res: dict) -> str:
              "Decode-only steps by batch: " + ", ".join(f"{x['seqs']}: {x['steps']}" for x in sim["decode_batch_sizes"])]
     for lad in res["ladders"]:
         lines += ["", f"Ladder tokens {','.join(map(str, lad['token_buckets']))} x seqs "
-                      f"{','.join(map(str, lad['seq_buckets']))}: predicted {lad['predicted_elapsed_s']:.2f} s = "
+                      f"{','.join(map(str, lad['seq_buckets']))}"
+                      + (f" (decode seqs {','.join(map(str, lad['decode_seq_buckets']))})"
+                         if lad.get("decode_seq_buckets", lad["seq_buckets"]) != lad["seq_buckets"] else "")
+                      + f": predicted {lad['predicted_elapsed_s']:.2f} s = "
                       f"{lad['requests_per_second']:.2f} req/s (decode {lad['seconds_by_kind']['decode']:.2f} s, "
                       f"mixed {lad['seconds_by_kind']['mixed']:.2f} s; {lad['estimated_seconds']:.2f} s at "
                       f"estimated costs), padded tokens {lad['padded_tokens']}",
@@ -406,12 +412,13 @@ def run(ns: argparse.Namespace) -> dict:
     sim = simulate(requests, **limits, block_size=ns.block_size, num_pages=ns.num_pages,
                    async_scheduling=not ns.sync_scheduling)
     outputs = sum(r.expected_output_len for r in requests)
-    ladder_specs = [(GPU_TOKEN_BUCKETS, GPU_SEQ_BUCKETS)]
-    if ns.token_buckets or ns.seq_buckets:
-        ladder_specs.append((_int_list(ns.token_buckets) or GPU_TOKEN_BUCKETS, _int_list(ns.seq_buckets) or GPU_SEQ_BUCKETS))
+    ladder_specs = [(GPU_TOKEN_BUCKETS, GPU_SEQ_BUCKETS, None)]
+    if ns.token_buckets or ns.seq_buckets or ns.decode_seq_buckets:
+        ladder_specs.append((_int_list(ns.token_buckets) or GPU_TOKEN_BUCKETS,
+                             _int_list(ns.seq_buckets) or GPU_SEQ_BUCKETS, _int_list(ns.decode_seq_buckets)))
     ladders, tallies = [], []
-    for tokens, seqs in ladder_specs:
-        ladder = ladder_for(tokens, seqs, block_size=ns.block_size, **limits)
+    for tokens, seqs, decode_seqs in ladder_specs:
+        ladder = ladder_for(tokens, seqs, block_size=ns.block_size, decode_seq_buckets=decode_seqs, **limits)
         row, tally = predict(sim, ladder, costs, len(requests), outputs)
         ladders.append(row)
         tallies.append(tally)
@@ -461,6 +468,8 @@ def main(argv=None) -> dict:
     p.add_argument("--sync-scheduling", action="store_true", help="as the engine with --no-async-scheduling")
     p.add_argument("--token-buckets", default=None, help="a second ladder's token buckets (default: the GPU's)")
     p.add_argument("--seq-buckets", default=None, help="a second ladder's sequence buckets (default: the GPU's)")
+    p.add_argument("--decode-seq-buckets", default=None,
+                   help="a second ladder's decode-only sequence buckets (the engine's --decode-seq-buckets)")
     p.add_argument("--cost-table", default=None, help='JSON {"decode": {"BATCH": ms}, "prefill": {"TOKENS": ms}}')
     p.add_argument("--decode-ms", default=None, help="BATCH=MS[:ATTENTION_MS],...: replaces the decode points")
     p.add_argument("--prefill-ms", default=None, help="PROMPT_TOKENS=MS,...: replaces the prefill points")

@@ -106,6 +106,24 @@ def test_decode_steps_run_their_seq_bucket_and_mixed_steps_their_token_bucket():
     assert pred["predicted_elapsed_s"] == pytest.approx(sum(r["steps"] * r["ms_per_step"] for r in rows) / 1e3)
 
 
+def test_a_decode_seq_ladder_moves_only_the_decode_steps():
+    reqs = sb.build_workload("sharegpt-synthetic", 60, 0, 1000)
+    sim = sb.simulate(reqs, **LIMITS)
+    coarse = _ladder((512, 2048), (1, 64, 256))
+    fine = sb.ladder_for((512, 2048), (1, 64, 256), decode_seq_buckets=(1, 8, 16, 32, 64, 128), **LIMITS)
+    assert fine.seq_buckets == (1, 64, 256) and fine.decode_seq_buckets == (1, 8, 16, 32, 64, 128, 256)
+    for tokens, seqs in sim.steps:
+        a, b = sb.bucket_of(coarse, tokens, seqs), sb.bucket_of(fine, tokens, seqs)
+        if tokens == seqs:
+            assert b[1] == min(x for x in fine.decode_seq_buckets if x >= seqs) <= a[1]
+        else:
+            assert a == b
+    costs = sb.CostModel(sb.h100_cost_points())
+    (pa, _), (pb, _) = (sb.predict(sim, lad, costs, len(reqs), 1) for lad in (coarse, fine))
+    assert pb["seconds_by_kind"]["mixed"] == pa["seconds_by_kind"]["mixed"]
+    assert pb["seconds_by_kind"]["decode"] < pa["seconds_by_kind"]["decode"]
+
+
 def test_cost_model_measured_interpolated_extrapolated():
     points = sb.parse_ms_list("1=5:0.5,64=9:2", "decode", "flag") + sb.parse_ms_list("2048=60", "prefill", "flag")
     costs = sb.CostModel(points)
