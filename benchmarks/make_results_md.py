@@ -98,9 +98,6 @@ def _steps_by_bucket(r: dict) -> list[str]:
     if "steps_by_bucket" not in r:
         return []
 
-    def kind(x: dict) -> str:         # the executable variant (ModelRunner.all_shapes)
-        return ("decode plain" if x.get("plain") else "decode") if x["decode_only"] else "general"
-
     def pct(share: float) -> str:
         return f"{100 * share:.1f}"
 
@@ -109,7 +106,7 @@ def _steps_by_bucket(r: dict) -> list[str]:
                  "since the previous step's collect, see serving/step_tally.py):", "",
              *_table(["tokens", "seqs", "pages", "kind", "steps", "real tokens", "real seqs", "seconds",
                       "ms/step", "% of time"],
-                     [[x["tokens"], x["seqs"], x.get("pages", "-"), kind(x), x["steps"], x["real_tokens"],
+                     [[x["tokens"], x["seqs"], x.get("pages", "-"), x["kind"], x["steps"], x["real_tokens"],
                        x["real_seqs"], x["seconds"], x["mean_step_ms"], pct(x["share_of_time"])]
                       for x in r["steps_by_bucket"]])]
     if r.get("decode_batch_sizes"):
@@ -186,7 +183,12 @@ def _schedule_bound(data: dict) -> list[str]:
     """benchmarks/schedule_bound.py: the scheduler's steps priced per ladder, and the lower bound."""
     r, c = data["results"], data.get("config", {})
     w, sim, lb = r["workload"], r["simulation"], r["lower_bound"]
-    rows = [[f"{','.join(map(str, x['token_buckets']))} x {','.join(map(str, x['seq_buckets']))}", x["num_steps"],
+    def ladder(x: dict) -> str:
+        seqs = x.get("decode_seq_buckets", x["seq_buckets"])
+        decode = "" if seqs == x["seq_buckets"] else f" (decode {','.join(map(str, seqs))})"
+        return f"{','.join(map(str, x['token_buckets']))} x {','.join(map(str, x['seq_buckets']))}{decode}"
+
+    rows = [[ladder(x), x["num_steps"],
              x["padded_tokens"], x["predicted_elapsed_s"], x["requests_per_second"], x["seconds_by_kind"]["decode"],
              x["seconds_by_kind"]["mixed"], x["estimated_seconds"]] for x in r["ladders"]]
     parts = lb["parts_s"]

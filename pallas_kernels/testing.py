@@ -93,3 +93,19 @@ def make_batch(rng: np.random.Generator, *, seq_lens, q_lens, num_heads: int, nu
         slot_mapping=np.asarray(slots, np.int32), block_tables=block_tables,
         seq_lens=np.asarray(seq_lens + [0] * pad_seqs, np.int32),
         query_start_loc=np.asarray(qsl, np.int32))
+
+
+def abstract_metadata(num_tokens: int, num_seqs: int, max_pages: int):
+    """AttentionMetadata of int32 ``jax.ShapeDtypeStruct``s (a bucket's shapes, no values): for
+    lowering ``paged_attention`` for a platform this machine lacks. Imports jax lazily."""
+    import jax
+    import jax.numpy as jnp
+
+    from model_zoo.attention import AttentionMetadata
+
+    def i32(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32)
+
+    return AttentionMetadata(positions=i32(num_tokens), token_seq_ids=i32(num_tokens), slot_mapping=i32(num_tokens),
+                             block_tables=i32(num_seqs, max_pages), seq_lens=i32(num_seqs),
+                             query_start_loc=i32(num_seqs + 1))

@@ -37,13 +37,13 @@ class BucketLadder:
     def __post_init__(self):
         if not self.decode_seq_buckets:
             object.__setattr__(self, "decode_seq_buckets", self.seq_buckets)
-        if self.decode_seq_buckets[-1] != self.seq_buckets[-1]:
-            raise ValueError(f"decode_seq_buckets must end at the largest seq bucket {self.seq_buckets[-1]}, "
-                             f"got {self.decode_seq_buckets}")
         for name in ("token_buckets", "seq_buckets", "page_buckets", "decode_seq_buckets"):
             ladder = getattr(self, name)
             if not ladder or list(ladder) != sorted(set(ladder)) or ladder[0] <= 0:
                 raise ValueError(f"{name} must be a strictly increasing list of positive integers, got {ladder}")
+        if self.decode_seq_buckets[-1] != self.seq_buckets[-1]:
+            raise ValueError(f"decode_seq_buckets must end at the largest seq bucket {self.seq_buckets[-1]}, "
+                             f"got {self.decode_seq_buckets}")
 
     @classmethod
     def build(cls, *, max_num_batched_tokens: int, max_num_seqs: int, max_pages_per_seq: int,

@@ -105,9 +105,9 @@ def test_throughput_section_shows_steps_by_bucket_only_when_saved():
     assert "| 20.00 | 9000.00 | 4000.00 | 100000 | 90000 | 30.00 | 12 | 40.00 |" in old
     assert "Wall time by bucket" not in old and "Decode steps" not in old
     res.update(step_wall_seconds=23.0, steps_by_bucket=[
-        {"tokens": 256, "seqs": 256, "pages": 64, "decode_only": True, "plain": True, "steps": 900,
+        {"tokens": 256, "seqs": 256, "pages": 64, "decode_only": True, "plain": True, "kind": "decode plain", "steps": 900,
          "real_tokens": 90000, "real_seqs": 90000, "seconds": 12.0, "mean_step_ms": 13.33, "share_of_time": 0.517},
-        {"tokens": 2048, "seqs": 256, "pages": 64, "decode_only": False, "plain": False, "steps": 60,
+        {"tokens": 2048, "seqs": 256, "pages": 64, "decode_only": False, "plain": False, "kind": "general", "steps": 60,
          "real_tokens": 100000, "real_seqs": 9000, "seconds": 11.0, "mean_step_ms": 183.33, "share_of_time": 0.474}],
         decode_batch_sizes=[{"seqs": "129-256", "min_seqs": 129, "max_seqs": 256, "mean_seqs": 200.0, "steps": 900,
                              "seconds": 12.0, "mean_step_ms": 13.33, "share_of_time": 0.517}])

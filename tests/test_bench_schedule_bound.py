@@ -197,6 +197,9 @@ def test_main_writes_a_result_that_results_md_renders(tmp_path):
     text = _load("make_results_md").render(tmp_path)
     assert "## 2026-11-22-cpu-sharegpt-schedule-bound.json" in text and "Benchmark: `schedule-bound`" in text
     assert "| 512,2048 x 1,8,64,256 |" in text and "**Lower bound for any schedule" in text
+    sb.main(["--num-prompts", "30", "--decode-seq-buckets", "1,8,64", "--measured", "", "--out", str(out)])
+    text = _load("make_results_md").render(tmp_path)      # the two ladders' rows stay told apart
+    assert "| 512,2048 x 1,64,256 |" in text and "| 512,2048 x 1,64,256 (decode 1,8,64,256) |" in text
 
 
 def test_bad_flags_raise_value_errors(tmp_path):

@@ -30,11 +30,10 @@ import numpy as np
 import pytest
 from jax import export
 
-from model_zoo.attention import AttentionMetadata
 from pallas_kernels import mosaic_attention
 from pallas_kernels.paged_attention import paged_attention
 from pallas_kernels.reference import paged_attention_reference
-from pallas_kernels.testing import make_batch
+from pallas_kernels.testing import abstract_metadata, make_batch
 
 TOL = {np.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
 
@@ -195,17 +194,14 @@ def test_no_copies_of_q_or_out_around_the_kernel(group, fused):
     # table exactly). Every op is checked, in the StableHLO that XLA compiles. With new_kv the
     # K/V write runs in the kernel too: no scatter, the caches come back aliased.
     t, hkv, d, page, pages, s = 32, 8, 128, 16, 128, 32
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    md = AttentionMetadata(positions=i32(t), token_seq_ids=i32(t), slot_mapping=i32(t),
-                           block_tables=i32(s, pages), seq_lens=i32(s),
-                           query_start_loc=i32(s + 1))
+    md = abstract_metadata(t, s, pages)
     cache = jax.ShapeDtypeStruct((2, hkv, 300, page, d), jnp.bfloat16)
     new = jax.ShapeDtypeStruct((t, hkv, d), jnp.bfloat16)
     fn = jax.jit(lambda q, k, v, layer, md, new_k, new_v: paged_attention(
         q, k, v, layer, md, scale=d ** -0.5, kernel="mosaic", max_query_len=1, num_splits=1,
         interpret=False, new_kv=(new_k, new_v) if fused else None))
     text = export.export(fn, platforms=["cuda"])(
-        jax.ShapeDtypeStruct((t, hkv * group, d), jnp.bfloat16), cache, cache, i32(),
+        jax.ShapeDtypeStruct((t, hkv * group, d), jnp.bfloat16), cache, cache, jax.ShapeDtypeStruct((), jnp.int32),
         md, new, new).mlir_module()
     if fused:
         assert len(re.findall(r"output_operand_alias<", text)) == 2

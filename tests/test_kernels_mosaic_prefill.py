@@ -38,7 +38,7 @@ from model_zoo.attention import AttentionMetadata
 from pallas_kernels import mosaic_attention, mosaic_prefill
 from pallas_kernels.paged_attention import _prefill_items, paged_attention
 from pallas_kernels.reference import paged_attention_reference
-from pallas_kernels.testing import make_batch
+from pallas_kernels.testing import abstract_metadata, make_batch
 from tests.test_kernels_mosaic import TOL, _args
 
 # Sequences: (context, queries). A whole prompt over two 64-row items plus a short tail, an exact
@@ -292,15 +292,12 @@ def test_no_copies_of_q_or_out_around_the_kernel(t, pads):
     # multiple of 8 rows, and at least one 64-row box). Every op on a bf16 array is checked (the
     # caches are bf16 too; bf16 scalars are not arrays), in the StableHLO that XLA compiles.
     h, hkv, d, page, pages, s = 8, 2, 128, 16, 64, 4
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    md = AttentionMetadata(positions=i32(t), token_seq_ids=i32(t), slot_mapping=i32(t),
-                           block_tables=i32(s, pages), seq_lens=i32(s),
-                           query_start_loc=i32(s + 1))
+    md = abstract_metadata(t, s, pages)
     cache = jax.ShapeDtypeStruct((2, hkv, 300, page, d), jnp.bfloat16)
     fn = jax.jit(lambda q, k, v, layer, md: paged_attention(
         q, k, v, layer, md, scale=d ** -0.5, kernel="mosaic", interpret=False))
     text = export.export(fn, platforms=["cuda"])(
-        jax.ShapeDtypeStruct((t, h, d), jnp.bfloat16), cache, cache, i32(), md).mlir_module()
+        jax.ShapeDtypeStruct((t, h, d), jnp.bfloat16), cache, cache, jax.ShapeDtypeStruct((), jnp.int32), md).mlir_module()
     ops = [re.search(r"= (\"?[\w.]+)", line).group(1).strip('"')
            for line in text.splitlines()
            if re.search(r"tensor<\d[\dx]*xbf16>", line) and re.search(r"%\S+ = ", line)]

@@ -11,10 +11,18 @@ def _timing(t: StepTotals, elapsed: float) -> dict:
             "share_of_time": t.seconds / elapsed if elapsed > 0 else 0.0}
 
 
+def executable_kind(decode_only: bool, plain: bool) -> str:
+    """The executable variant (ModelRunner.all_shapes): general, decode, or decode with the plain sampler."""
+    if not decode_only:
+        return "general"
+    return "decode plain" if plain else "decode"
+
+
 def steps_by_bucket(tally: StepTally, elapsed: float) -> list[dict]:
     """One row per executable shape that ran, most wall time first; ``share_of_time`` is of
     ``elapsed`` (the run's), so the rows' shares sum to the part of the run charged to steps."""
     rows = [{"tokens": k[0], "seqs": k[1], "pages": k[2], "decode_only": k[3], "plain": k[4],
+             "kind": executable_kind(k[3], k[4]),
              "real_tokens": t.real_tokens, "real_seqs": t.real_seqs, **_timing(t, elapsed)}
             for k, t in tally.by_shape.items()]
     return sorted(rows, key=lambda r: (-r["seconds"], r["tokens"], r["seqs"], r["pages"]))
@@ -52,12 +60,6 @@ def step_breakdown(tally: StepTally, elapsed: float) -> dict:
             "step_wall_seconds": sum(t.seconds for t in tally.by_shape.values())}
 
 
-def _kind(row: dict) -> str:
-    if not row["decode_only"]:
-        return "general"
-    return "decode plain" if row["plain"] else "decode"
-
-
 def format_step_breakdown(res: dict) -> str:
     """The text tables of ``step_breakdown``'s rows (``res``: the throughput results)."""
     elapsed = res["elapsed_time"]
@@ -67,7 +69,7 @@ def format_step_breakdown(res: dict) -> str:
              f"  {'tokens':>6} {'seqs':>5} {'pages':>5}  {'kind':<12} {'steps':>6} {'real tok':>9} "
              f"{'real seqs':>9} {'seconds':>8} {'ms/step':>8} {'share':>6}"]
     for r in res["steps_by_bucket"]:
-        lines.append(f"  {r['tokens']:>6} {r['seqs']:>5} {r['pages']:>5}  {_kind(r):<12} {r['steps']:>6} "
+        lines.append(f"  {r['tokens']:>6} {r['seqs']:>5} {r['pages']:>5}  {r['kind']:<12} {r['steps']:>6} "
                      f"{r['real_tokens']:>9} {r['real_seqs']:>9} {r['seconds']:>8.2f} {r['mean_step_ms']:>8.2f} "
                      f"{100 * r['share_of_time']:>5.1f}%")
     if res["decode_batch_sizes"]:
