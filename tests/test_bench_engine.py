@@ -78,3 +78,13 @@ def test_bench_buckets_end_to_end(engine_flags, tmp_path, capsys):
 def test_bench_buckets_rejects_bad_spec_before_building(capsys):
     assert bench_main(["buckets", "--ladder", "64x8", "--ladder", "sixteen"]) == 2
     assert "ladder spec 'sixteen'" in capsys.readouterr().err
+
+
+def test_bench_throughput_takes_the_decode_seq_ladder(capsys):
+    from serving.bench.cli import build_parser, engine_kwargs
+
+    ns = build_parser().parse_args(["throughput", "--seq-buckets", "1,64", "--decode-seq-buckets", "1,8,64"])
+    assert engine_kwargs(ns)["decode_seq_buckets"] == "1,8,64"    # EngineArgs parses it
+    assert "decode_seq_buckets" not in engine_kwargs(build_parser().parse_args(["throughput"]))
+    assert bench_main(["throughput", "--decode-seq-buckets", "1,x"]) == 2
+    assert "decode_seq_buckets" in capsys.readouterr().err

@@ -95,6 +95,8 @@ def _add_engine_args(p: argparse.ArgumentParser, *, ladders: bool) -> None:
     if ladders:
         g.add_argument("--token-buckets", default=None)
         g.add_argument("--seq-buckets", default=None)
+        g.add_argument("--decode-seq-buckets", default=None,
+                       help="batch-size buckets of the decode-only executables (default: --seq-buckets)")
 
 
 def build_parser() -> argparse.ArgumentParser:

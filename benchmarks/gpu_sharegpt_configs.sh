@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Issue 8: `bench throughput` on sharegpt-synthetic (500 prompts, 8B shape, dummy bf16 weights) under
+# several engine configurations, one process each, then one table (req/s, steps, padding, and the
+# measured wall time per step of the buckets that cost most). Every configuration first runs a
+# one-prompt pass that compiles its new executables into the shared compilation cache, so the
+# measured process loads all of them (a run in a compiling process is slower).
+#
+#   OUT=/tmp/res JAXLLM_COMMIT=<sha> bash benchmarks/gpu_sharegpt_configs.sh          # on the GPU machine
+#
+# A configuration is a line "tag|engine flags" in $CONFIGS (default: below). Predictions written
+# before the first run (2026-11-22, benchmarks/schedule_bound.py with the H100 step costs, scaled by
+# its 0.94 measured/predicted ratio of the default run):
+#   A-default         GPU defaults                                   23.03 predicted -> ~21.6 req/s
+#   B-decode-ladder   decode-only seq ladder 1,8,16,32,64,128,256    24.91 -> ~23.4 req/s
+#   C-seqs512         + max_num_seqs 512 (every request in flight)   27.43 -> ~25.8 req/s (the 256/512
+#                     decode buckets are interpolated/extrapolated in the cost model: least certain)
+set -uo pipefail
+: "${OUT:?set OUT to the results directory}"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} JAXLLM_COMMIT=${JAXLLM_COMMIT:-wt}
+CACHE_DIR=${CACHE_DIR:-/tmp/jcc-sharegpt}
+PROMPTS=${PROMPTS:-500}
+MODEL=${MODEL:-llama-3.1-8b}
+COMMON=${COMMON:---load-format dummy --dtype bfloat16 --max-model-len 2048 --seed 0}
+DEFAULT_CONFIGS="A-default|
+B-decode-ladder|--decode-seq-buckets 1,8,16,32,64,128,256
+C-seqs512|--max-num-seqs 512 --seq-buckets 1,64,512 --decode-seq-buckets 1,8,16,32,64,128,256,512"
+CONFIGS=${CONFIGS:-$DEFAULT_CONFIGS}
+GUARD_S=${GUARD_S:-300}
+DEVICE=$(python -c "import jax; print(jax.devices()[0].device_kind.split()[1].lower())" 2>/dev/null || echo gpu)
+DATE=$(date +%F)
+mkdir -p "$OUT/logs"
+tags=()
+while IFS='|' read -r tag flags; do
+  [ -z "$tag" ] && continue
+  echo "#### $tag  $flags"
+  # shellcheck disable=SC2086
+  timeout "$GUARD_S" python -m serving bench throughput --model "$MODEL" $COMMON $flags \
+      --compilation-cache-dir "$CACHE_DIR" --dataset-name random --num-prompts 1 --random-input-len 8 \
+      --random-output-len 2 --disable-detokenize --output-json "$OUT/logs/$tag-compile.json" \
+      > "$OUT/logs/$tag-compile.log" 2>&1 || { echo "compile pass failed (rc $?)"; tail -5 "$OUT/logs/$tag-compile.log"; }
+  python -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print(f\"  compile pass: {r['num_executables']} executables, compile {r['compile_s']:.1f} s\")" \
+      "$OUT/logs/$tag-compile.json" 2>/dev/null
+  # shellcheck disable=SC2086
+  timeout "$GUARD_S" python -m serving bench throughput --model "$MODEL" $COMMON $flags \
+      --compilation-cache-dir "$CACHE_DIR" --dataset-name sharegpt-synthetic --num-prompts "$PROMPTS" \
+      --disable-detokenize --output-json "$OUT/$DATE-$DEVICE-8b-sharegpt-offline-$tag.json" \
+      > "$OUT/logs/$tag.log" 2>&1 || { echo "run failed (rc $?)"; tail -5 "$OUT/logs/$tag.log"; }
+  grep "Request throughput\|Throughput:" "$OUT/logs/$tag.log" | head -2
+  tags+=("$tag")
+done <<< "$CONFIGS"
+python - "$OUT" "$DATE-$DEVICE" "${tags[@]}" <<'PY'
+import glob, json, sys
+out, prefix, tags = sys.argv[1], sys.argv[2], sys.argv[3:]
+print(f"{'config':<18} {'req/s':>7} {'elapsed':>8} {'steps':>6} {'padded':>8} {'start s':>8}  top buckets (tokens x seqs x pages kind: steps x ms)")
+for tag in tags:
+    files = glob.glob(f"{out}/{prefix}-8b-sharegpt-offline-{tag}.json")
+    if not files:
+        print(f"{tag:<18} (no result)"); continue
+    r = json.load(open(files[0]))["results"]
+    top = ", ".join(f"{b['tokens']}x{b['seqs']}x{b['pages']}p {b['kind']}: {b['steps']}x{b['mean_step_ms']:.2f}"
+                    for b in r.get("steps_by_bucket", [])[:5])
+    print(f"{tag:<18} {r['requests_per_second']:>7.2f} {r['elapsed_time']:>8.2f} {r['num_steps']:>6} "
+          f"{r['padded_tokens']:>8} {r['startup_s']:>8.1f}  {top}")
+PY
