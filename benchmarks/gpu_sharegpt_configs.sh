@@ -3,7 +3,10 @@
 # several engine configurations, one process each, then one table (req/s, steps, padding, and the
 # measured wall time per step of the buckets that cost most). Every configuration first runs a
 # one-prompt pass that compiles its new executables into the shared compilation cache, so the
-# measured process loads all of them (a run in a compiling process is slower).
+# measured process loads all of them (a run in a compiling process is slower). COMPILE_PASS=0 skips
+# it: each configuration then compiles in its measured process (on an H100 a cold 8B ladder took
+# ~200 s, and a one-prompt pass plus its measured process did not fit one 600 s device call); later
+# configurations still load the shapes the earlier ones compiled.
 #
 #   OUT=/tmp/res JAXLLM_COMMIT=<sha> bash benchmarks/gpu_sharegpt_configs.sh          # on the GPU machine
 #
@@ -26,6 +29,7 @@ B-decode-ladder|--decode-seq-buckets 1,8,16,32,64,128,256
 C-seqs512|--max-num-seqs 512 --seq-buckets 1,64,512 --decode-seq-buckets 1,8,16,32,64,128,256,512"
 CONFIGS=${CONFIGS:-$DEFAULT_CONFIGS}
 GUARD_S=${GUARD_S:-300}
+COMPILE_PASS=${COMPILE_PASS:-1}
 DEVICE=$(python -c "import jax; print(jax.devices()[0].device_kind.split()[1].lower())" 2>/dev/null || echo gpu)
 DATE=$(date +%F)
 mkdir -p "$OUT/logs"
@@ -34,12 +38,12 @@ while IFS='|' read -r tag flags; do
   [ -z "$tag" ] && continue
   echo "#### $tag  $flags"
   # shellcheck disable=SC2086
-  timeout "$GUARD_S" python -m serving bench throughput --model "$MODEL" $COMMON $flags \
+  [ "$COMPILE_PASS" = 1 ] && { timeout "$GUARD_S" python -m serving bench throughput --model "$MODEL" $COMMON $flags \
       --compilation-cache-dir "$CACHE_DIR" --dataset-name random --num-prompts 1 --random-input-len 8 \
       --random-output-len 2 --disable-detokenize --output-json "$OUT/logs/$tag-compile.json" \
       > "$OUT/logs/$tag-compile.log" 2>&1 || { echo "compile pass failed (rc $?)"; tail -5 "$OUT/logs/$tag-compile.log"; }
   python -c "import json,sys; r=json.load(open(sys.argv[1]))['results']; print(f\"  compile pass: {r['num_executables']} executables, compile {r['compile_s']:.1f} s\")" \
-      "$OUT/logs/$tag-compile.json" 2>/dev/null
+      "$OUT/logs/$tag-compile.json" 2>/dev/null; }
   # shellcheck disable=SC2086
   timeout "$GUARD_S" python -m serving bench throughput --model "$MODEL" $COMMON $flags \
       --compilation-cache-dir "$CACHE_DIR" --dataset-name sharegpt-synthetic --num-prompts "$PROMPTS" \
