@@ -223,10 +223,22 @@ def prefill_mfu(llm, prompt_len: int) -> dict:
     return {"prompt_len": prompt_len, "seconds": round(secs, 4), "tflops": round(flops / secs / 1e12, 1)}
 
 
-def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature: float = 0.0) -> dict:
+def scatter_free_pages(engine, seed: int) -> None:
+    """Put the page pool's free queue in a random order, as a server's is after many requests have
+    come and gone (a fresh pool hands out pages 1, 2, 3, ...: each sequence's pages are adjacent)."""
+    pool = engine.scheduler.kv.pool
+    pages = pool.allocate(pool.num_free_pages)
+    np.random.RandomState(seed).shuffle(pages)
+    pool.free(pages)
+
+
+def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature: float = 0.0,
+              scatter_pages: bool = False) -> dict:
     from serving import SamplingParams
 
     eng = llm.engine
+    if scatter_pages:
+        scatter_free_pages(eng, batch)
     vocab = eng.model_config.vocab_size
     rng = np.random.RandomState(batch)
     params = SamplingParams(temperature=temperature, max_tokens=steps * 4 + 64, ignore_eos=True, detokenize=False)
@@ -258,7 +270,7 @@ def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature:
         eng.step()
     trace = load_trace(log_dir)
     events, kind = device_events(trace)
-    r = {"batch": batch, "ctx": ctx, "steps": steps, "trace_kind": kind,
+    r = {"batch": batch, "ctx": ctx, "steps": steps, "trace_kind": kind, "scattered_pages": scatter_pages,
          "step_ms_unprofiled_median": round(1e3 * float(np.median(wall)), 3)}
     r.update(summarize(events, steps))
     r["host_ms_per_step_profiled"] = host_events(trace, steps)
@@ -303,6 +315,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the result name (a variant's label)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--trace-dir", default=None)
+    ap.add_argument("--scatter-pages", action="store_true",
+                    help="shuffle the free page queue before each batch (a long-running server's pool)")
     args = ap.parse_args(argv)
     import jax
 
@@ -335,7 +349,8 @@ def main(argv=None) -> int:
            "runs": []}
     trace_root = args.trace_dir or tempfile.mkdtemp(prefix="jaxllm-prof-")
     for b in batches:
-        res["runs"].append(run_batch(llm, b, args.ctx, args.steps, trace_root, args.temperature))
+        res["runs"].append(run_batch(llm, b, args.ctx, args.steps, trace_root, args.temperature,
+                                     scatter_pages=args.scatter_pages))
     # Greedy tokens of a fixed prompt: variants of one model (same dummy seed) must agree.
     from serving import SamplingParams
     check = llm.generate([{"prompt_token_ids": [(100 + i) % llm.engine.vocab_size for i in range(200)]}],

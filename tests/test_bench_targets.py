@@ -90,3 +90,17 @@ def test_same_run_ratio_pairs_files_of_one_date_only(tmp_path):
     _suite_file(tmp_path / "2026-03-01-h100-8b-sharegpt-offline.json", "throughput", _throughput(32.0), commit="b")
     _suite_file(tmp_path / "2026-03-01-h100-8b-sharegpt-served-inf.json", "serve", _served(30.0), commit="a")
     assert "| not measured |" in row() and "different runs: commits a / b" in row()
+
+
+def test_gpu_profile_scatter_free_pages_permutes_the_free_queue():
+    from benchmarks.gpu_profile import scatter_free_pages
+    from serving.scheduler import Scheduler
+
+    sched = Scheduler(num_pages=65, page_size=16, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64)
+    engine = type("E", (), {"scheduler": sched})()
+    pool = sched.kv.pool
+    before = pool.free_page_ids()
+    scatter_free_pages(engine, seed=3)
+    after = pool.free_page_ids()
+    assert before == list(range(1, 65)) and sorted(after) == before and after != before
+    pool.check_invariants()
