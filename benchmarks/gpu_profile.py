@@ -241,7 +241,11 @@ def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature:
         scatter_free_pages(eng, batch)
     vocab = eng.model_config.vocab_size
     rng = np.random.RandomState(batch)
-    params = SamplingParams(temperature=temperature, max_tokens=steps * 4 + 64, ignore_eos=True, detokenize=False)
+    # Every request must outlive the batch's prefill: with chunked prefill the first requests decode
+    # while the last ones still prefill (batch * ctx tokens at the step's token budget).
+    prefill_steps = -(-batch * ctx // eng.scheduler.max_num_batched_tokens)
+    params = SamplingParams(temperature=temperature, max_tokens=steps * 4 + 64 + prefill_steps, ignore_eos=True,
+                            detokenize=False)
     ids = [f"prof-{batch}-{i}" for i in range(batch)]
     for rid in ids:
         eng.add_request(rid, {"prompt_token_ids": rng.randint(0, vocab, ctx).tolist()}, params)
@@ -251,6 +255,9 @@ def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature:
         if all(r.num_computed_tokens >= ctx for r in eng.scheduler.running) and \
                 len(eng.scheduler.running) == batch:
             break
+    else:
+        raise RuntimeError(f"batch {batch}: the {batch} requests never ran decode steps together "
+                           f"({len(eng.scheduler.running)} running)")
     for _ in range(5):
         eng.step()
     wall = []
@@ -258,7 +265,7 @@ def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature:
         t = time.perf_counter()
         eng.step()
         wall.append(time.perf_counter() - t)
-    log_dir = os.path.join(log_root, f"batch{batch}")
+    log_dir = os.path.join(log_root, f"batch{batch}" + ("-scattered" if scatter_pages else ""))
     import jax
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         for _ in range(steps):
@@ -279,7 +286,8 @@ def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature:
 
 def print_table(res: dict) -> None:
     for r in res["runs"]:
-        print(f"\n== batch {r['batch']}, context {r['ctx']}: step {r['step_ms_unprofiled_median']} ms "
+        order = ", scattered pages" if r.get("scattered_pages") else ""
+        print(f"\n== batch {r['batch']}, context {r['ctx']}{order}: step {r['step_ms_unprofiled_median']} ms "
               f"(unprofiled), profiled span {r.get('span_ms_per_step')} ms, device busy "
               f"{r.get('busy_ms_per_step')} ms, idle {100 * r.get('idle_fraction', float('nan')):.1f}%, "
               f"{r.get('kernels_per_step')} kernels/step")
@@ -315,8 +323,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the result name (a variant's label)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--trace-dir", default=None)
-    ap.add_argument("--scatter-pages", action="store_true",
-                    help="shuffle the free page queue before each batch (a long-running server's pool)")
+    ap.add_argument("--page-order", default="sequential",
+                    help="comma list of sequential (a fresh pool) and scattered (the free page queue shuffled "
+                         "first, as a long-running server's is): each batch runs once per order")
     args = ap.parse_args(argv)
     import jax
 
@@ -348,9 +357,13 @@ def main(argv=None) -> int:
            "weight_gb": round(weight_bytes / 1e9, 3), "command": " ".join(["benchmarks/gpu_profile.py"] + (argv or sys.argv[1:])),
            "runs": []}
     trace_root = args.trace_dir or tempfile.mkdtemp(prefix="jaxllm-prof-")
+    orders = args.page_order.split(",")
+    if not orders or set(orders) - {"sequential", "scattered"}:
+        ap.error(f"--page-order: a comma list of sequential and scattered, got {args.page_order!r}")
     for b in batches:
-        res["runs"].append(run_batch(llm, b, args.ctx, args.steps, trace_root, args.temperature,
-                                     scatter_pages=args.scatter_pages))
+        for order in orders:
+            res["runs"].append(run_batch(llm, b, args.ctx, args.steps, trace_root, args.temperature,
+                                         scatter_pages=order == "scattered"))
     # Greedy tokens of a fixed prompt: variants of one model (same dummy seed) must agree.
     from serving import SamplingParams
     check = llm.generate([{"prompt_token_ids": [(100 + i) % llm.engine.vocab_size for i in range(200)]}],
