@@ -27,7 +27,10 @@ separated): command buffers off, the one-shot all-reduce kernel, collectives ins
 
 ``--envs``: '|'-separated environment assignments (``NCCL_PROTO=LL NCCL_ALGO=Ring``), one child
 process each, crossed with ``--flags``: NCCL's protocol and algorithm for the small all-reduces of a
-batch-1 step. The table's "AR us" is the cost of one all-reduce inside the step: (step ms with the
+batch-1 step. Each child prints its rows when it ends (and rewrites --json), so a run cut short keeps
+what it measured. On 4 x H200 with the 70B shape below a child takes about 40 s (weights, compiles,
+the timed steps): the ten variants there ran past a 420 s limit (2026-11-22), so split them over
+calls. The table's "AR us" is the cost of one all-reduce inside the step: (step ms with the
 all-reduces - step ms without) / (2 x layers), per process. On 4 x H200 the 70B TP4 engine step
 spends 2.56 ms in 163 all-reduces of 16 KiB (15.7 us each; XLA's one-shot kernel: 24.5 us), the
 largest cost beside the weight-streaming GEMMs (results/2026-11-22-h200-decode-profile-70b-tp4-*.json):
@@ -236,19 +239,31 @@ def main(argv=None) -> list[dict]:
                 env = dict(os.environ, **extra, XLA_FLAGS=flags.strip())
                 env[_VARIANT_ENV] = assignments.strip()
                 print(f"#### env='{assignments.strip()}' XLA_FLAGS='{flags.strip()}'", flush=True)
+                start = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, *child_argv, "--child"], env=env,
                                       capture_output=True, text=True)
                 found = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROWS ")]
                 if proc.returncode or not found:
                     print(f"child failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
                     continue
-                rows += json.loads(found[-1][5:])
+                # Each child's rows as soon as it ends (and in --json): a run cut short by a time
+                # limit keeps the variants done so far.
+                new = json.loads(found[-1][5:])
+                add_allreduce_us(new, args.layers)
+                print_table(new)
+                print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+                rows += new
+                write_json(args.json, rows)
     add_allreduce_us(rows, args.layers)
     print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    write_json(args.json, rows)
     return rows
+
+
+def write_json(path, rows: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
