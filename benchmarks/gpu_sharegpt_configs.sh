@@ -17,6 +17,15 @@
 #   B-decode-ladder   decode-only seq ladder 1,8,16,32,64,128,256    24.91 -> ~23.4 req/s
 #   C-seqs512         + max_num_seqs 512 (every request in flight)   27.43 -> ~25.8 req/s (the 256/512
 #                     decode buckets are interpolated/extrapolated in the cost model: least certain)
+# Measured (H100, results/2026-11-22-h100-8b-sharegpt-offline-*.json; each configuration in the process
+# that compiled it): A 21.07, B 21.82 (predicted ~23.4: the cost model's 256 bucket, 13.5 ms
+# interpolated, measured 23.1 ms a step in this run), C 24.49 req/s (predicted ~25.8). C's flags are
+# the GPU defaults since. By the run's own tally C's costliest steps are the 813 batch-1 steps of the
+# longest request (5.87 ms each, 4.8 s), the 50 mixed steps of 2048 tokens x 512 sequences (84.7 ms,
+# 4.2 s) and the 88 decode steps of 257-512 sequences (21.8 ms, 1.9 s). A profile of the 256-sequence
+# decode step at context 384 (results/2026-11-22-h100-decode-profile-sg-pages.json) gives 16.9 ms of
+# device time: GEMMs 8.9 ms (M = 256 is past the weight-streaming regime: 5.5 ms at batch 1-64),
+# attention 7.1 ms (2.2 TB/s), the same with a shuffled page pool.
 set -uo pipefail
 : "${OUT:?set OUT to the results directory}"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} JAXLLM_COMMIT=${JAXLLM_COMMIT:-wt}

@@ -92,11 +92,13 @@ __all__ = ["CostModel", "CostPoint", "H100_DECODE_SOURCES", "H100_PREFILL_SOURCE
 # serving/engine_builder.py _GPU_DEFAULTS and ModelRunner.min_decode_tokens (importing those pulls in
 # jax; tests/test_bench_schedule_bound.py checks the copies).
 GPU_TOKEN_BUCKETS = (512, 2048)
-GPU_SEQ_BUCKETS = (1, 64, 256)
+GPU_SEQ_BUCKETS = (1, 64, 512)
+GPU_DECODE_SEQ_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512)
 GPU_MAX_NUM_BATCHED_TOKENS = 2048
-GPU_MAX_NUM_SEQS = 256
+GPU_MAX_NUM_SEQS = 512
 LLAMA_8B_VOCAB = 128256
-H100_MEASURED_RUN = "2026-11-22-h100-8b-sharegpt-offline.json"
+# The run with the GPU defaults above (gpu_sharegpt_configs.sh's C-seqs512 before they were the defaults).
+H100_MEASURED_RUN = "2026-11-22-h100-8b-sharegpt-offline-C-seqs512.json"
 # Llama-3.1-8B's KV cache per token: 32 layers x 8 KV heads x 128 dims x (K, V) x 2 bytes (bf16).
 LLAMA_8B_KV_BYTES_PER_TOKEN = 32 * 8 * 128 * 2 * 2
 # H100 SXM5 80 GB datasheet HBM3 peak: no kernel reads faster (the profile files' measured copy,
@@ -412,10 +414,12 @@ def run(ns: argparse.Namespace) -> dict:
     sim = simulate(requests, **limits, block_size=ns.block_size, num_pages=ns.num_pages,
                    async_scheduling=not ns.sync_scheduling)
     outputs = sum(r.expected_output_len for r in requests)
-    ladder_specs = [(GPU_TOKEN_BUCKETS, GPU_SEQ_BUCKETS, None)]
+    ladder_specs = [(GPU_TOKEN_BUCKETS, GPU_SEQ_BUCKETS, GPU_DECODE_SEQ_BUCKETS)]
     if ns.token_buckets or ns.seq_buckets or ns.decode_seq_buckets:
-        ladder_specs.append((_int_list(ns.token_buckets) or GPU_TOKEN_BUCKETS,
-                             _int_list(ns.seq_buckets) or GPU_SEQ_BUCKETS, _int_list(ns.decode_seq_buckets)))
+        # As the engine: a given --seq-buckets without --decode-seq-buckets is the decode ladder too.
+        seqs = _int_list(ns.seq_buckets)
+        ladder_specs.append((_int_list(ns.token_buckets) or GPU_TOKEN_BUCKETS, seqs or GPU_SEQ_BUCKETS,
+                             _int_list(ns.decode_seq_buckets) or (None if seqs else GPU_DECODE_SEQ_BUCKETS)))
     ladders, tallies = [], []
     for tokens, seqs, decode_seqs in ladder_specs:
         ladder = ladder_for(tokens, seqs, block_size=ns.block_size, decode_seq_buckets=decode_seqs, **limits)

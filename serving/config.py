@@ -47,7 +47,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: Optional[int] = None
     kv_cache_memory: Optional[int] = None      # bytes; CPU default in serving.kv_sizing
-    max_num_seqs: int = 256
+    max_num_seqs: Optional[int] = None         # None: the platform's default (serving.engine_builder)
     max_num_batched_tokens: Optional[int] = None
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
@@ -92,7 +92,7 @@ class EngineArgs:
               f"num_gpu_blocks_override must be at least 2; got {self.num_gpu_blocks_override}")
         check(self.kv_cache_memory is None or self.kv_cache_memory > 0,
               f"kv_cache_memory must be a positive number of bytes; got {self.kv_cache_memory}")
-        check(self.max_num_seqs >= 1, f"max_num_seqs must be at least 1; got {self.max_num_seqs}")
+        check(self.max_num_seqs is None or self.max_num_seqs >= 1, f"max_num_seqs must be at least 1; got {self.max_num_seqs}")
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= 1,
               f"max_num_batched_tokens must be at least 1; got {self.max_num_batched_tokens}")
         check(self.max_model_len is None or self.max_model_len >= 1,

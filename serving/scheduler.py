@@ -163,13 +163,6 @@ class Scheduler:
         self._seq_nos = itertools.count()
         self.num_preemptions = 0
 
-    @classmethod
-    def from_engine_args(cls, args, *, num_pages: int, max_model_len: int) -> "Scheduler":
-        """Build from serving.config.EngineArgs once the cache size and max_model_len are resolved."""
-        return cls(num_pages=num_pages, page_size=args.block_size, max_model_len=max_model_len,
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   enable_prefix_caching=args.enable_prefix_caching, scheduling_policy=args.scheduling_policy)
-
     # --- requests in and out ----------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.req_id in self.requests:

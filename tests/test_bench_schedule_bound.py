@@ -27,11 +27,11 @@ sb = _load("schedule_bound")
 LIMITS = dict(max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=2048, block_size=16)
 
 
-def _ladder(token_buckets, seq_buckets, **limits):
+def _ladder(token_buckets, seq_buckets, decode_seq_buckets=None, **limits):
     limits = {**LIMITS, **limits}
     return sb.ladder_for(token_buckets, seq_buckets, max_num_batched_tokens=limits["max_num_batched_tokens"],
                          max_num_seqs=limits["max_num_seqs"], max_model_len=limits["max_model_len"],
-                         block_size=limits["block_size"])
+                         block_size=limits["block_size"], decode_seq_buckets=decode_seq_buckets)
 
 
 def _min_steps(r, budget):
@@ -46,7 +46,8 @@ def test_copies_match_the_engine():
     assert tuple(_GPU_DEFAULTS["token_buckets"]) == sb.GPU_TOKEN_BUCKETS
     assert tuple(_GPU_DEFAULTS["seq_buckets"]) == sb.GPU_SEQ_BUCKETS
     assert _GPU_DEFAULTS["max_num_batched_tokens"] == sb.GPU_MAX_NUM_BATCHED_TOKENS
-    assert _GPU_DEFAULTS.get("max_num_seqs", EngineArgs.max_num_seqs) == sb.GPU_MAX_NUM_SEQS
+    assert _GPU_DEFAULTS["max_num_seqs"] == sb.GPU_MAX_NUM_SEQS and EngineArgs.max_num_seqs is None
+    assert tuple(_GPU_DEFAULTS["decode_seq_buckets"]) == sb.GPU_DECODE_SEQ_BUCKETS
     assert ModelRunner.min_decode_tokens == sb.MIN_DECODE_TOKENS
 
 
@@ -192,14 +193,17 @@ def test_main_writes_a_result_that_results_md_renders(tmp_path):
     assert data["benchmark"] == "schedule-bound" and data["environment"]["platform"] == "cpu"
     assert "commit" in data["environment"]
     res = data["results"]
-    assert [x["seq_buckets"] for x in res["ladders"]] == [[1, 64, 256], [1, 8, 64, 256]]
+    # The GPU defaults, then the given seq ladder (the decode ladder too, as in the engine).
+    assert [x["seq_buckets"] for x in res["ladders"]] == [[1, 64, 512], [1, 8, 64, 256, 512]]
+    assert [x["decode_seq_buckets"] for x in res["ladders"]] == [list(sb.GPU_DECODE_SEQ_BUCKETS), [1, 8, 64, 256, 512]]
     assert res["lower_bound"]["elapsed_s"] <= min(x["predicted_elapsed_s"] for x in res["ladders"])
     text = _load("make_results_md").render(tmp_path)
     assert "## 2026-11-22-cpu-sharegpt-schedule-bound.json" in text and "Benchmark: `schedule-bound`" in text
-    assert "| 512,2048 x 1,8,64,256 |" in text and "**Lower bound for any schedule" in text
+    assert "| 512,2048 x 1,8,64,256,512 |" in text and "**Lower bound for any schedule" in text
     sb.main(["--num-prompts", "30", "--decode-seq-buckets", "1,8,64", "--measured", "", "--out", str(out)])
     text = _load("make_results_md").render(tmp_path)      # the two ladders' rows stay told apart
-    assert "| 512,2048 x 1,64,256 |" in text and "| 512,2048 x 1,64,256 (decode 1,8,64,256) |" in text
+    assert "| 512,2048 x 1,64,512 (decode 1,8,16,32,64,128,256,512) |" in text
+    assert "| 512,2048 x 1,64,512 (decode 1,8,64,512) |" in text
 
 
 def test_bad_flags_raise_value_errors(tmp_path):
@@ -219,8 +223,9 @@ def test_the_h100_sharegpt_run_is_reproduced():
         pytest.skip("no measured run")
     r = json.loads(measured.read_text())["results"]
     reqs = sb.build_workload("sharegpt-synthetic", 500, 0, sb.LLAMA_8B_VOCAB)
-    sim = sb.simulate(reqs, **LIMITS)
-    pred, _ = sb.predict(sim, _ladder(sb.GPU_TOKEN_BUCKETS, sb.GPU_SEQ_BUCKETS), sb.CostModel(sb.h100_cost_points()),
-                         500, 1)
+    limits = {**LIMITS, "max_num_seqs": sb.GPU_MAX_NUM_SEQS}       # the run used the GPU defaults
+    sim = sb.simulate(reqs, **limits)
+    ladder = _ladder(sb.GPU_TOKEN_BUCKETS, sb.GPU_SEQ_BUCKETS, sb.GPU_DECODE_SEQ_BUCKETS, **limits)
+    pred, _ = sb.predict(sim, ladder, sb.CostModel(sb.h100_cost_points()), 500, 1)
     assert (len(sim.steps), sim.scheduled_tokens, pred["padded_tokens"]) == \
         (r["num_steps"], r["scheduled_tokens"], r["padded_tokens"])

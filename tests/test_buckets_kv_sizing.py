@@ -88,14 +88,16 @@ def test_gpu_default_ladder_is_the_measured_one_and_follows_the_engine_limits():
     def build(tokens, seqs):
         return BucketLadder.build(max_num_batched_tokens=tokens, max_num_seqs=seqs, max_pages_per_seq=128,
                                   token_buckets=_GPU_DEFAULTS["token_buckets"],
-                                  seq_buckets=_GPU_DEFAULTS["seq_buckets"], paged_width_buckets=False)
+                                  seq_buckets=_GPU_DEFAULTS["seq_buckets"],
+                                  decode_seq_buckets=_GPU_DEFAULTS["decode_seq_buckets"], paged_width_buckets=False)
 
-    # The defaults' limits give exactly the ladder bench buckets chose (12 executables on the GPU).
-    ladder = build(_GPU_DEFAULTS["max_num_batched_tokens"], 256)
-    assert (ladder.token_buckets, ladder.seq_buckets) == ((512, 2048), (1, 64, 256))
+    # The defaults' limits give exactly the measured ladder (gpu_sharegpt_configs.sh's C-seqs512).
+    ladder = build(_GPU_DEFAULTS["max_num_batched_tokens"], _GPU_DEFAULTS["max_num_seqs"])
+    assert (ladder.token_buckets, ladder.seq_buckets) == ((512, 2048), (1, 64, 512))
+    assert ladder.decode_seq_buckets == (1, 8, 16, 32, 64, 128, 256, 512)
     # Raised limits become the top rungs; lowered ones drop the rungs above them.
-    ladder = build(8192, 512)
-    assert (ladder.token_buckets, ladder.seq_buckets) == ((512, 2048, 8192), (1, 64, 256, 512))
+    ladder = build(8192, 1024)
+    assert (ladder.token_buckets, ladder.seq_buckets) == ((512, 2048, 8192), (1, 64, 512, 1024))
     ladder = build(256, 32)
-    assert (ladder.token_buckets, ladder.seq_buckets) == ((256,), (1, 32))
+    assert (ladder.token_buckets, ladder.seq_buckets, ladder.decode_seq_buckets) == ((256,), (1, 32), (1, 8, 16, 32))
     assert ladder.select(200, 5, 3) == (256, 32, 128)
