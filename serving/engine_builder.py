@@ -51,6 +51,14 @@ _CPU_DEFAULTS = dict(max_num_batched_tokens=128, max_num_seqs=32, max_model_len=
                      token_buckets=(16, 128), seq_buckets=(8, 32))
 
 
+def batch_limits(args: EngineArgs, platform: str) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens): the user's where given, else the platform's default
+    (before the KV cache may lower max_num_seqs)."""
+    defaults = _GPU_DEFAULTS if platform == "gpu" else _CPU_DEFAULTS
+    return (args.max_num_seqs or defaults["max_num_seqs"],
+            args.max_num_batched_tokens or defaults["max_num_batched_tokens"])
+
+
 def enable_compilation_cache(path: str | None) -> None:
     """JAX's persistent compilation cache: a second start loads executables instead of compiling."""
     path = path or os.environ.get("JAXLLM_COMPILATION_CACHE") or os.path.join(
@@ -136,8 +144,7 @@ def build_engine_parts(args: EngineArgs) -> dict:
     logger.info("Weights ready in %.1f s; attention backend: %s", time.perf_counter() - t0, attn_name)
 
     defaults = _GPU_DEFAULTS if platform == "gpu" else _CPU_DEFAULTS
-    max_num_seqs = args.max_num_seqs or defaults["max_num_seqs"]
-    max_num_batched_tokens = args.max_num_batched_tokens or defaults["max_num_batched_tokens"]
+    max_num_seqs, max_num_batched_tokens = batch_limits(args, platform)
     mem = devices[0].memory_stats() if platform == "gpu" else None
     kv_plan = plan_kv_cache(
         config, page_size=args.block_size, dtype_bytes=jnp.dtype(dtype).itemsize, platform=platform,

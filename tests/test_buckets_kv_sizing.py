@@ -101,3 +101,17 @@ def test_gpu_default_ladder_is_the_measured_one_and_follows_the_engine_limits():
     ladder = build(256, 32)
     assert (ladder.token_buckets, ladder.seq_buckets, ladder.decode_seq_buckets) == ((256,), (1, 32), (1, 8, 16, 32))
     assert ladder.select(200, 5, 3) == (256, 32, 128)
+
+
+def test_batch_limits_take_the_users_values_and_else_the_platforms():
+    from serving.config import EngineArgs
+    from serving.engine_builder import _CPU_DEFAULTS, _GPU_DEFAULTS, batch_limits
+
+    gpu = (_GPU_DEFAULTS["max_num_seqs"], _GPU_DEFAULTS["max_num_batched_tokens"])
+    assert batch_limits(EngineArgs(), "gpu") == gpu == (512, 2048)
+    assert batch_limits(EngineArgs(), "cpu") == (_CPU_DEFAULTS["max_num_seqs"], _CPU_DEFAULTS["max_num_batched_tokens"])
+    # A value the user gives is kept, the old EngineArgs default (256) included.
+    assert batch_limits(EngineArgs(max_num_seqs=256), "gpu") == (256, 2048)
+    assert batch_limits(EngineArgs(max_num_seqs=256, max_num_batched_tokens=4096), "cpu") == (256, 4096)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineArgs(max_num_seqs=0)
