@@ -43,8 +43,10 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # With 512 every request of the run is in flight at once: the prompts prefill in 50 mixed steps of
 # 512 sequences instead of 140 of 256, and the decode steps of 2-255 sequences (most of the run's
 # steps) pad to the next power-of-two-ish rung instead of 64 or 256 (8 x 8 sequences: 6.3 ms a step
-# where the 64 bucket costs 8.7). vLLM's own default on 80 GB GPUs is 1024 sequences. Decode-only
-# executables are cheap to compile and the mixed ladder keeps three seq rungs (22 executables).
+# where the 64 bucket costs 8.7). vLLM's own default on 80 GB GPUs is 1024 sequences. The mixed
+# ladder keeps three seq rungs (22 executables in all). The KV cache lowers max_num_seqs to its
+# pages; on a small GPU mind the sampler's per-slot rows too: 10 bytes x vocab x sequences (0.66 GB
+# at 512 for a 128k vocabulary).
 _GPU_DEFAULTS = dict(max_num_batched_tokens=2048, max_num_seqs=512, token_buckets=(512, 2048),
                      seq_buckets=(1, 64, 512), decode_seq_buckets=(1, 8, 16, 32, 64, 128, 256, 512))
 _CPU_DEFAULTS = dict(max_num_batched_tokens=128, max_num_seqs=32, max_model_len=2048,
