@@ -36,8 +36,8 @@ Files, under $OUT: <date>-<device>-<model>-<what>.json in the layout of benchmar
 model shape, dtype, JAX version, commit from git or $JAXLLM_COMMIT), logs/ (every child's output,
 the server log, summary.json, RESULTS-preview.md). The table at the end is also logs/summary.txt.
 
-Knobs (environment variables, defaults in _KNOBS): MODEL LOAD_FORMAT DTYPE ATTN TOKEN_BUCKETS
-SEQ_BUCKETS MAX_TOKENS MAX_SEQS MAX_LEN EXTRA_ENGINE_FLAGS SEED SHAREGPT_PROMPTS SHAREGPT_OUTPUT_LEN
+Knobs (environment variables, defaults in _KNOBS: the engine's GPU defaults): MODEL LOAD_FORMAT DTYPE
+ATTN TOKEN_BUCKETS SEQ_BUCKETS DECODE_SEQ_BUCKETS MAX_TOKENS MAX_SEQS MAX_LEN EXTRA_ENGINE_FLAGS SEED SHAREGPT_PROMPTS SHAREGPT_OUTPUT_LEN
 RANDOM_PROMPTS RANDOM_IN RANDOM_OUT SERVE_RATES HF_DATASET HF_PROMPTS HF_IN HF_OUT HF_BATCH HF_COMPILE LADDERS
 BUCKETS_DATASET BUCKETS_PROMPTS STEPS BUDGET_S CACHE_DIR FRESH_CACHE PORT MODEL_TAG.
 A tiny end-to-end check on CPU (about 3.5 minutes on 2 cores; the model from tests/tiny_models.py):
@@ -79,7 +79,8 @@ from gpu_bench_table import rate_label, summary_table  # noqa: E402
 STEPS = ("offline", "serve", "hf", "buckets")
 _KNOBS = {
     "MODEL": "llama-3.1-8b", "LOAD_FORMAT": "dummy", "DTYPE": "bfloat16", "ATTN": "pallas",
-    "TOKEN_BUCKETS": "512,2048", "SEQ_BUCKETS": "1,64,256", "MAX_TOKENS": "2048", "MAX_SEQS": "256",
+    "TOKEN_BUCKETS": "512,2048", "SEQ_BUCKETS": "1,64,512",
+    "DECODE_SEQ_BUCKETS": "1,8,16,32,64,128,256,512", "MAX_TOKENS": "2048", "MAX_SEQS": "512",
     "MAX_LEN": "2048", "EXTRA_ENGINE_FLAGS": "", "SEED": "0",
     "SHAREGPT_PROMPTS": "500", "SHAREGPT_OUTPUT_LEN": "", "RANDOM_PROMPTS": "500", "RANDOM_IN": "1024",
     "RANDOM_OUT": "128", "SERVE_RATES": "inf:500,32:200,8:80,2:40",
@@ -228,6 +229,8 @@ class Suite:
                  "--max-model-len", k.max_len, "--compilation-cache-dir", k.cache_dir]
         if ladder:
             flags += ["--token-buckets", k.token_buckets, "--seq-buckets", k.seq_buckets]
+            if k.decode_seq_buckets:    # '' = the --seq-buckets ladder for decode steps too
+                flags += ["--decode-seq-buckets", k.decode_seq_buckets]
         return flags + shlex.split(k.extra_engine_flags)
 
     def sharegpt_flags(self, num_prompts) -> list[str]:

@@ -33,8 +33,10 @@ CACHE_DIR=${CACHE_DIR:-/tmp/jcc-sharegpt}
 PROMPTS=${PROMPTS:-500}
 MODEL=${MODEL:-llama-3.1-8b}
 COMMON=${COMMON:---load-format dummy --dtype bfloat16 --max-model-len 2048 --seed 0}
-DEFAULT_CONFIGS="A-default|
-B-decode-ladder|--decode-seq-buckets 1,8,16,32,64,128,256
+# The first run's tags (A-default, B-decode-ladder, C-seqs512) name these; A's flags were the GPU
+# defaults then, C's are since 5b2286a (so C's line is now the defaults, spelled out).
+DEFAULT_CONFIGS="A-default|--max-num-seqs 256 --seq-buckets 1,64,256
+B-decode-ladder|--max-num-seqs 256 --seq-buckets 1,64,256 --decode-seq-buckets 1,8,16,32,64,128,256
 C-seqs512|--max-num-seqs 512 --seq-buckets 1,64,512 --decode-seq-buckets 1,8,16,32,64,128,256,512"
 CONFIGS=${CONFIGS:-$DEFAULT_CONFIGS}
 GUARD_S=${GUARD_S:-300}

@@ -287,14 +287,16 @@ _TARGETS = [
            _PROFILE + "A-auto-fused.json", ("runs", 1, "idle_fraction"), ""),
     Target("start-up, 8B, 8 executables, with the compilation cache, H100 (gpu_profile)", "<= 60 s",
            _PROFILE + "1-packed-t1-cached.json", ("startup_s",), "s"),
-    # benchmarks/gpu_sharegpt_configs.sh: C-seqs512 ran the flags that are the GPU defaults since
-    # (512 sequences, seqs 1,64,512, decode-only 1,8,...,512); A-default the defaults before them.
-    Target("offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100 (GPU defaults: 512 sequences, "
-           "decode-only ladder 1,8,...,512)", ">= 40 req/s (vLLM v0.6 ~36.5)",
-           _SUITE + "sharegpt-offline-C-seqs512.json", _RPS, "req/s"),
-    Target("offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100, the GPU defaults before "
-           "(256 sequences, seqs 1,64,256 for every step; same run family)", "record",
-           _SUITE + "sharegpt-offline-A-default.json", _RPS, "req/s"),
+    Target("offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100", ">= 40 req/s (vLLM v0.6 ~36.5)",
+           _SUITE + "sharegpt-offline.json", _RPS, "req/s"),
+    # benchmarks/gpu_sharegpt_configs.sh, one run family: C-seqs512 ran the flags that are the GPU
+    # defaults since 5b2286a (512 sequences, seqs 1,64,512, decode-only 1,8,...,512), A-default the
+    # defaults before them. The row above reads the suite's newest file, whatever defaults it ran.
+    Target("offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100, the GPU defaults since 5b2286a "
+           "(gpu_sharegpt_configs.sh C-seqs512)", ">= 40 req/s", _SUITE + "sharegpt-offline-C-seqs512.json",
+           _RPS, "req/s"),
+    Target("offline throughput, sharegpt-synthetic, 500 prompts, 8B bf16, H100, the GPU defaults before 5b2286a, "
+           "same run family (A-default)", "record", _SUITE + "sharegpt-offline-A-default.json", _RPS, "req/s"),
     # benchmarks/schedule_bound.py: the engine's scheduler on the same workload, H100 step costs.
     Target("offline throughput bound, sharegpt-synthetic 500, any engine without multi-token decoding, at "
            "the measured H100 step costs (schedule_bound)", "record (>= 40 needs it above 40)",
