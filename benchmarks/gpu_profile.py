@@ -233,7 +233,10 @@ def scatter_free_pages(engine, seed: int) -> None:
 
 
 def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature: float = 0.0,
-              scatter_pages: bool = False) -> dict:
+              scatter_pages: bool = False, mixed_prompt: int = 0) -> dict:
+    """``mixed_prompt`` > 0: every timed step also prefills one new prompt of that many tokens beside
+    the batch's decode rows (a mixed step, as while a server admits requests); the new requests
+    then decode too, so the batch grows by one a step."""
     from serving import SamplingParams
 
     eng = llm.engine
@@ -260,8 +263,23 @@ def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature:
                            f"({len(eng.scheduler.running)} running)")
     for _ in range(5):
         eng.step()
+    mixed_ids = []
+
+    def add_mixed_prompt():
+        if mixed_prompt:
+            mixed_ids.append(f"mix-{batch}-{len(mixed_ids)}")
+            eng.add_request(mixed_ids[-1], {"prompt_token_ids": rng.randint(0, vocab, mixed_prompt).tolist()},
+                            params)
+
+    # Steps are collected one call after they are launched: one mixed step first, so that every
+    # step the timed calls collect (and the profile window holds) is a mixed one.
+    add_mixed_prompt()
+    if mixed_prompt:
+        eng.step()
+    tally_before = eng.step_tally.copy()
     wall = []
     for _ in range(steps):
+        add_mixed_prompt()
         t = time.perf_counter()
         eng.step()
         wall.append(time.perf_counter() - t)
@@ -269,15 +287,21 @@ def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature:
     import jax
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         for _ in range(steps):
+            add_mixed_prompt()
             eng.step()
         jax.effects_barrier()
-    for rid in ids:
+    # The executables the timed steps ran (tokens x seqs, decode-only or not): which bucket this is.
+    ran = eng.step_tally.since(tally_before).by_shape
+    for rid in ids + mixed_ids:
         eng.abort_request(rid)
     for _ in range(3):
         eng.step()
     trace = load_trace(log_dir)
     events, kind = device_events(trace)
     r = {"batch": batch, "ctx": ctx, "steps": steps, "trace_kind": kind, "scattered_pages": scatter_pages,
+         "mixed_prompt": mixed_prompt,
+         "executables": sorted(({"tokens": k[0], "seqs": k[1], "decode_only": k[3], "steps": v.steps}
+                                for k, v in ran.items()), key=lambda e: -e["steps"]),
          "step_ms_unprofiled_median": round(1e3 * float(np.median(wall)), 3)}
     r.update(summarize(events, steps))
     r["host_ms_per_step_profiled"] = host_events(trace, steps)
@@ -287,11 +311,15 @@ def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature:
 def print_table(res: dict) -> None:
     for r in res["runs"]:
         order = ", scattered pages" if r.get("scattered_pages") else ""
+        if r.get("mixed_prompt"):
+            order += f", + one {r['mixed_prompt']}-token prompt a step (mixed steps)"
         print(f"\n== batch {r['batch']}, context {r['ctx']}{order}: step {r['step_ms_unprofiled_median']} ms "
               f"(unprofiled), profiled span {r.get('span_ms_per_step')} ms, device busy "
               f"{r.get('busy_ms_per_step')} ms, idle {100 * r.get('idle_fraction', float('nan')):.1f}%, "
               f"{r.get('kernels_per_step')} kernels/step")
         print("   host (profiled, inclusive):", r.get("host_ms_per_step_profiled"))
+        print("   executables:", ", ".join(f"{e['tokens']}x{e['seqs']}{' decode' if e['decode_only'] else ''}: "
+                                         f"{e['steps']} steps" for e in r.get("executables", [])))
         for cat, ms in r.get("by_category_ms_per_step", {}).items():
             print(f"   {cat:<24}{ms:>9.3f} ms")
         print(f"   {'kernel':<70}{'ms/step':>9}{'calls':>7}{'us/call':>9}")
@@ -326,12 +354,21 @@ def main(argv=None) -> int:
     ap.add_argument("--page-order", default="sequential",
                     help="comma list of sequential (a fresh pool) and scattered (the free page queue shuffled "
                          "first, as a long-running server's is): each batch runs once per order")
+    ap.add_argument("--mixed-prompt", type=int, default=0,
+                    help="each timed step also prefills a new prompt of this many tokens (mixed steps); "
+                         "the largest token bucket must hold it beside the decode rows")
     args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batch.split(",")]
+    budget = max(int(x) for x in args.token_buckets.split(","))
+    # Mixed mode: each timed step (2 x --steps + 1 of them) admits one more request, which decodes after.
+    max_num_seqs = max(batches) + (2 * args.steps + 8 if args.mixed_prompt else 0)
+    if args.mixed_prompt < 0 or (args.mixed_prompt and args.mixed_prompt + max_num_seqs > budget):
+        ap.error(f"--mixed-prompt {args.mixed_prompt}: with up to {max_num_seqs} decode rows a step it must be "
+                 f"positive and fit the largest token bucket ({budget}) beside them")
     import jax
 
     from serving import LLM
 
-    batches = [int(b) for b in args.batch.split(",")]
     if args.min_decode_tokens is not None:
         from serving.model_runner import ModelRunner
         ModelRunner.min_decode_tokens = args.min_decode_tokens
@@ -339,8 +376,8 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     llm = LLM(args.model, load_format=load_format, dtype=args.dtype, attention_backend=args.attention_backend,
               token_buckets=[int(x) for x in args.token_buckets.split(",")],
-              seq_buckets=sorted(set(batches)), max_num_batched_tokens=max(int(x) for x in args.token_buckets.split(",")),
-              max_num_seqs=max(batches), max_model_len=args.max_model_len,
+              seq_buckets=sorted(set(batches) | {max_num_seqs}), max_num_batched_tokens=budget,
+              max_num_seqs=max_num_seqs, max_model_len=args.max_model_len,
               tensor_parallel_size=args.tensor_parallel_size,
               **({} if args.async_scheduling is None else {"async_scheduling": args.async_scheduling}),
               compilation_cache_dir=os.environ.get("JAXLLM_COMPILATION_CACHE", "off"))
@@ -363,7 +400,7 @@ def main(argv=None) -> int:
     for b in batches:
         for order in orders:
             res["runs"].append(run_batch(llm, b, args.ctx, args.steps, trace_root, args.temperature,
-                                         scatter_pages=order == "scattered"))
+                                         scatter_pages=order == "scattered", mixed_prompt=args.mixed_prompt))
     # Greedy tokens of a fixed prompt: variants of one model (same dummy seed) must agree.
     from serving import SamplingParams
     check = llm.generate([{"prompt_token_ids": [(100 + i) % llm.engine.vocab_size for i in range(200)]}],

@@ -104,3 +104,24 @@ def test_gpu_profile_scatter_free_pages_permutes_the_free_queue():
     after = pool.free_page_ids()
     assert before == list(range(1, 65)) and sorted(after) == before and after != before
     pool.check_invariants()
+
+
+def test_gpu_profile_mixed_prompt_profiles_mixed_steps(tmp_path):
+    """On the CPU (tiny Llama, XLA attention): with --mixed-prompt every timed step is a mixed step
+    (decode rows plus a new prompt), and the row names the executables the timed steps ran."""
+    import pytest
+
+    from benchmarks.gpu_profile import main
+    from tests.tiny_models import make_tiny_hf_model
+
+    model, _ = make_tiny_hf_model("llama", tmp_path / "m", max_position_embeddings=512)
+    assert main(["--model", str(model), "--dtype", "float32", "--attention-backend", "xla", "--batch", "4",
+                "--ctx", "32", "--token-buckets", "64", "--mixed-prompt", "24", "--steps", "2",
+                "--max-model-len", "256", "--out", str(tmp_path)]) == 0
+    (out,) = tmp_path.glob("*-decode-profile.json")
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["mixed_prompt"] == 24 and row["busy_ms_per_step"] > 0
+    # 2 x 2 timed steps, each 4+ decode rows and a 24-token chunk: the 64-token general executable.
+    assert row["executables"] == [{"tokens": 64, "seqs": 16, "decode_only": False, "steps": 4}]
+    with pytest.raises(SystemExit):
+        main(["--model", str(model), "--batch", "4", "--token-buckets", "16", "--mixed-prompt", "24"])
