@@ -103,17 +103,19 @@ def _steps_by_bucket(r: dict) -> list[str]:
 
     lines = ["", f"Wall time by bucket shape ({_fmt(r.get('step_wall_seconds'))} s charged to steps of "
                  f"{_fmt(r['elapsed_time'])} s elapsed; a step is charged the engine's time in step() calls "
-                 "since the previous step's collect, see serving/step_tally.py):", "",
+                 "since the previous step's collect, see serving/step_tally.py; wait: of that, the time spent "
+                 "collecting it, i.e. waiting for the device; runs before 2026-11-22's last have none):", "",
              *_table(["tokens", "seqs", "pages", "kind", "steps", "real tokens", "real seqs", "seconds",
-                      "ms/step", "% of time"],
+                      "ms/step", "wait ms/step", "% of time"],
                      [[x["tokens"], x["seqs"], x.get("pages", "-"), x["kind"], x["steps"], x["real_tokens"],
-                       x["real_seqs"], x["seconds"], x["mean_step_ms"], pct(x["share_of_time"])]
+                       x["real_seqs"], x["seconds"], x["mean_step_ms"], x.get("mean_wait_ms", "-"),
+                       pct(x["share_of_time"])]
                       for x in r["steps_by_bucket"]])]
     if r.get("decode_batch_sizes"):
         lines += ["", "Decode steps (one token per sequence) by batch size:", "",
-                  *_table(["seqs", "steps", "mean seqs", "seconds", "ms/step", "% of time"],
+                  *_table(["seqs", "steps", "mean seqs", "seconds", "ms/step", "wait ms/step", "% of time"],
                           [[x["seqs"], x["steps"], _fmt(x["mean_seqs"], 1), x["seconds"], x["mean_step_ms"],
-                            pct(x["share_of_time"])] for x in r["decode_batch_sizes"]])]
+                            x.get("mean_wait_ms", "-"), pct(x["share_of_time"])] for x in r["decode_batch_sizes"]])]
     return lines
 
 

@@ -253,9 +253,11 @@ class LLMEngine:
         if on_outputs is not None and outputs:
             on_outputs(outputs)
             outputs = []
+        t = time.perf_counter()
         result = self.runner.collect(flight)
+        wait = time.perf_counter() - t
         self._pending_core = self.scheduler.update(plan, result)
-        self._record_step_stats(plan)
+        self._record_step_stats(plan, wait)
         if plan.is_empty and self._pending_core:
             outputs += self._process_outputs(self._pending_core)
             self._pending_core = []
@@ -281,16 +283,18 @@ class LLMEngine:
             self._refresh_scheduler_stats()
             return []
         prev_plan, prev_flight = previous
+        t = time.perf_counter()
         result = self.runner.collect(prev_flight)
+        wait = time.perf_counter() - t
         core = self.scheduler.update(prev_plan, result)
-        self._record_step_stats(prev_plan)
+        self._record_step_stats(prev_plan, wait)
         outputs = self._process_outputs(core) if core else []
         if on_outputs is not None and outputs:
             on_outputs(outputs)
             outputs = []
         return outputs
 
-    def _record_step_stats(self, plan) -> None:
+    def _record_step_stats(self, plan, collect_wait: float = 0.0) -> None:
         st = self._refresh_scheduler_stats()
         last = self.runner.last_step
         if last is not None and not plan.is_empty:
@@ -298,7 +302,7 @@ class LLMEngine:
             st.bucket_padding_ratio = last.padding_ratio
             st.padded_tokens += last.padded_tokens
             st.scheduled_tokens += last.num_tokens
-            self.step_tally.record(last.shape, last.num_tokens, last.num_seqs, time.perf_counter())
+            self.step_tally.record(last.shape, last.num_tokens, last.num_seqs, time.perf_counter(), collect_wait)
 
     def _refresh_scheduler_stats(self) -> EngineStats:
         """Gauges from the scheduler: refreshed after every step, add and abort (metrics read them)."""

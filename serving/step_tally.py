@@ -19,6 +19,10 @@ benchmark's bookkeeping of each output), so the charges sum to about the run's w
 call ends with nothing in flight (every call of the synchronous engine, the last of a run) the
 time not yet charged is dropped: a step then is charged from the start of the call that
 dispatched it, and idle time, or a caller's pause with a step in flight, is charged to no shape.
+
+``wait_seconds``: of a step's charge, the time the engine sat in collecting the step's results,
+i.e. waiting for the device to finish it. Near the whole charge when the device bounds the step,
+near zero when the host does (the device then finished before the host asked).
 """
 
 from __future__ import annotations
@@ -35,16 +39,19 @@ class StepTotals:
     real_tokens: int = 0
     real_seqs: int = 0
     seconds: float = 0.0
+    wait_seconds: float = 0.0
 
-    def add(self, steps: int, real_tokens: int, real_seqs: int, seconds: float) -> None:
+    def add(self, steps: int, real_tokens: int, real_seqs: int, seconds: float, wait_seconds: float = 0.0) -> None:
         self.steps += steps
         self.real_tokens += real_tokens
         self.real_seqs += real_seqs
         self.seconds += seconds
+        self.wait_seconds += wait_seconds
 
     def minus(self, other: "StepTotals") -> "StepTotals":
         return StepTotals(self.steps - other.steps, self.real_tokens - other.real_tokens,
-                          self.real_seqs - other.real_seqs, self.seconds - other.seconds)
+                          self.real_seqs - other.real_seqs, self.seconds - other.seconds,
+                          self.wait_seconds - other.wait_seconds)
 
 
 class StepTally:
@@ -64,19 +71,20 @@ class StepTally:
         """The engine's ``step()`` returns; ``in_flight``: a dispatched step is not collected yet."""
         self._carried = self._carried + now - self._mark if in_flight else 0.0
 
-    def record(self, shape: ShapeKey, num_tokens: int, num_seqs: int, now: float) -> float:
-        """Count one collected step of executable ``shape``; returns the seconds charged to it."""
+    def record(self, shape: ShapeKey, num_tokens: int, num_seqs: int, now: float, wait: float = 0.0) -> float:
+        """Count one collected step of executable ``shape`` (``wait``: seconds spent collecting it);
+        returns the seconds charged to it."""
         seconds = self._carried + now - self._mark
         self._carried, self._mark = 0.0, now
         t = self.by_shape.get(shape)
         if t is None:
             t = self.by_shape[shape] = StepTotals()
-        t.add(1, num_tokens, num_seqs, seconds)
+        t.add(1, num_tokens, num_seqs, seconds, wait)
         if num_tokens == num_seqs:
             d = self.decode_batches.get(num_seqs)
             if d is None:
                 d = self.decode_batches[num_seqs] = StepTotals()
-            d.add(1, num_tokens, num_seqs, seconds)
+            d.add(1, num_tokens, num_seqs, seconds, wait)
         return seconds
 
     def copy(self) -> "StepTally":

@@ -53,6 +53,8 @@ def test_bench_throughput_end_to_end(engine_flags, tmp_path, capsys):
     rows = res["steps_by_bucket"]
     assert sum(r["steps"] for r in rows) == res["num_steps"] and not any(r["decode_only"] for r in rows)
     assert sum(r["real_tokens"] for r in rows) == res["scheduled_tokens"]
+    # Of each step's charge, the part spent collecting it (waiting for the device) is a part.
+    assert all(0 <= r["mean_wait_ms"] <= r["mean_step_ms"] for r in rows)
     assert 0 < res["step_wall_seconds"] <= res["elapsed_time"] and "Steps by bucket" in out
 
 

@@ -106,13 +106,15 @@ def test_throughput_section_shows_steps_by_bucket_only_when_saved():
     assert "Wall time by bucket" not in old and "Decode steps" not in old
     res.update(step_wall_seconds=23.0, steps_by_bucket=[
         {"tokens": 256, "seqs": 256, "pages": 64, "decode_only": True, "plain": True, "kind": "decode plain", "steps": 900,
-         "real_tokens": 90000, "real_seqs": 90000, "seconds": 12.0, "mean_step_ms": 13.33, "share_of_time": 0.517},
+         "real_tokens": 90000, "real_seqs": 90000, "seconds": 12.0, "mean_step_ms": 13.33, "share_of_time": 0.517,
+         "mean_wait_ms": 11.5},
         {"tokens": 2048, "seqs": 256, "pages": 64, "decode_only": False, "plain": False, "kind": "general", "steps": 60,
          "real_tokens": 100000, "real_seqs": 9000, "seconds": 11.0, "mean_step_ms": 183.33, "share_of_time": 0.474}],
         decode_batch_sizes=[{"seqs": "129-256", "min_seqs": 129, "max_seqs": 256, "mean_seqs": 200.0, "steps": 900,
                              "seconds": 12.0, "mean_step_ms": 13.33, "share_of_time": 0.517}])
     new = "\n".join(md._throughput(doc))
     assert new.startswith(old) and "23.00 s charged to steps of 23.20 s elapsed" in new
-    assert "| 256 | 256 | 64 | decode plain | 900 | 90000 | 90000 | 12.00 | 13.33 | 51.7 |" in new
-    assert "| 2048 | 256 | 64 | general | 60 | 100000 | 9000 | 11.00 | 183.33 | 47.4 |" in new
-    assert "| 129-256 | 900 | 200.0 | 12.00 | 13.33 | 51.7 |" in new
+    # The wait column: a row's mean collect wait, "-" in files from before it was recorded.
+    assert "| 256 | 256 | 64 | decode plain | 900 | 90000 | 90000 | 12.00 | 13.33 | 11.50 | 51.7 |" in new
+    assert "| 2048 | 256 | 64 | general | 60 | 100000 | 9000 | 11.00 | 183.33 | - | 47.4 |" in new
+    assert "| 129-256 | 900 | 200.0 | 12.00 | 13.33 | - | 51.7 |" in new

@@ -98,3 +98,24 @@ def test_decode_batch_bins_double_from_8_up_to_the_largest_batch():
     assert by["17-32"]["steps"] == 0 and by["17-32"]["mean_step_ms"] == 0.0
     assert by["129-256"]["share_of_time"] == pytest.approx(0.4)
     assert decode_batch_histogram(StepTally(), elapsed=1.0) == []
+
+
+def test_collect_waits_sum_per_shape_and_survive_since_and_the_rows():
+    tally = StepTally()
+    tally.begin_call(0.0)
+    tally.record(DECODE, 8, 8, 2.0, wait=1.5)          # device-bound: most of its 2 s in collect
+    before = tally.copy()
+    tally.begin_call(2.0)
+    tally.record(DECODE, 8, 8, 4.0, wait=0.25)         # host-bound: the device was done
+    tally.begin_call(4.0)
+    tally.record(GENERAL, 40, 3, 5.0)                  # no wait given: 0
+    assert tally.by_shape[DECODE].wait_seconds == pytest.approx(1.75)
+    assert tally.decode_batches[8].wait_seconds == pytest.approx(1.75)
+    delta = tally.since(before)
+    assert delta.by_shape[DECODE].wait_seconds == pytest.approx(0.25)
+    res = {"elapsed_time": 5.0, **step_breakdown(tally, 5.0)}
+    rows = {r["kind"]: r for r in res["steps_by_bucket"]}
+    assert rows["decode plain"]["mean_wait_ms"] == pytest.approx(875.0) and rows["general"]["mean_wait_ms"] == 0.0
+    (bin8,) = [r for r in res["decode_batch_sizes"] if r["seqs"] == "2-8"]
+    assert bin8["mean_wait_ms"] == pytest.approx(875.0)
+    assert "wait ms" in format_step_breakdown(res)

@@ -8,7 +8,9 @@ from serving.step_tally import StepTally, StepTotals
 
 def _timing(t: StepTotals, elapsed: float) -> dict:
     return {"steps": t.steps, "seconds": t.seconds, "mean_step_ms": 1e3 * t.seconds / t.steps if t.steps else 0.0,
-            "share_of_time": t.seconds / elapsed if elapsed > 0 else 0.0}
+            "share_of_time": t.seconds / elapsed if elapsed > 0 else 0.0,
+            # of mean_step_ms, the engine's wait for the device (serving.step_tally): device-bound share
+            "mean_wait_ms": 1e3 * t.wait_seconds / t.steps if t.steps else 0.0}
 
 
 def executable_kind(decode_only: bool, plain: bool) -> str:
@@ -47,7 +49,7 @@ def decode_batch_histogram(tally: StepTally, elapsed: float) -> list[dict]:
         t = StepTotals()
         for n, d in tally.decode_batches.items():
             if lo <= n <= hi:
-                t.add(d.steps, d.real_tokens, d.real_seqs, d.seconds)
+                t.add(d.steps, d.real_tokens, d.real_seqs, d.seconds, d.wait_seconds)
         rows.append({"seqs": str(lo) if lo == hi else f"{lo}-{hi}", "min_seqs": lo, "max_seqs": hi,
                      "mean_seqs": t.real_seqs / t.steps if t.steps else 0.0, **_timing(t, elapsed)})
     return rows
@@ -67,15 +69,16 @@ def format_step_breakdown(res: dict) -> str:
     lines = [f"Steps by bucket (wall time charged to steps: {res['step_wall_seconds']:.2f} s, "
              f"{100 * share:.1f}% of {elapsed:.2f} s elapsed):",
              f"  {'tokens':>6} {'seqs':>5} {'pages':>5}  {'kind':<12} {'steps':>6} {'real tok':>9} "
-             f"{'real seqs':>9} {'seconds':>8} {'ms/step':>8} {'share':>6}"]
+             f"{'real seqs':>9} {'seconds':>8} {'ms/step':>8} {'wait ms':>8} {'share':>6}"]
     for r in res["steps_by_bucket"]:
         lines.append(f"  {r['tokens']:>6} {r['seqs']:>5} {r['pages']:>5}  {r['kind']:<12} {r['steps']:>6} "
                      f"{r['real_tokens']:>9} {r['real_seqs']:>9} {r['seconds']:>8.2f} {r['mean_step_ms']:>8.2f} "
-                     f"{100 * r['share_of_time']:>5.1f}%")
+                     f"{r.get('mean_wait_ms', float('nan')):>8.2f} {100 * r['share_of_time']:>5.1f}%")
     if res["decode_batch_sizes"]:
         lines += ["Decode steps (one token per sequence) by batch size:",
-                  f"  {'seqs':<8} {'steps':>6} {'mean seqs':>9} {'seconds':>8} {'ms/step':>8} {'share':>6}"]
+                  f"  {'seqs':<8} {'steps':>6} {'mean seqs':>9} {'seconds':>8} {'ms/step':>8} {'wait ms':>8} {'share':>6}"]
         for r in res["decode_batch_sizes"]:
             lines.append(f"  {r['seqs']:<8} {r['steps']:>6} {r['mean_seqs']:>9.1f} {r['seconds']:>8.2f} "
-                         f"{r['mean_step_ms']:>8.2f} {100 * r['share_of_time']:>5.1f}%")
+                         f"{r['mean_step_ms']:>8.2f} {r.get('mean_wait_ms', float('nan')):>8.2f} "
+                         f"{100 * r['share_of_time']:>5.1f}%")
     return "\n".join(lines)
