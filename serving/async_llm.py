@@ -97,7 +97,7 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "AsyncLLM":
-        return cls(LLMEngine.from_engine_args(args))
+        return cls(LLMEngine.from_engine_args(args, server=True))
 
     # ------------------------------------------------------------------ device loop
     def _push(self, request_id: str, item) -> None:

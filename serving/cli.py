@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-cache-memory", type=_bytes, default=None,
                    help="KV cache size in bytes (e.g. 2GiB), overriding --gpu-memory-utilization")
     c.add_argument("--max-num-seqs", type=int, default=None,
-                   help="most requests in one batch (default: 512 on a GPU, 32 on a CPU)")
+                   help="most requests in one batch (default: 256 on a GPU, 32 on a CPU)")
     c.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
     c.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse KV pages of shared prompt prefixes")

@@ -137,10 +137,11 @@ class LLMEngine:
         self._in_flight = None              # async scheduling: (plan, flight) dispatched, not collected
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, **overrides) -> "LLMEngine":
+    def from_engine_args(cls, args: EngineArgs, *, server: bool = False, **overrides) -> "LLMEngine":
+        """``server``: the OpenAI server's engine (its own default limits, see engine_builder)."""
         from serving.engine_builder import build_engine_parts
 
-        return cls(engine_args=args, **build_engine_parts(args), **overrides)
+        return cls(engine_args=args, **build_engine_parts(args, server=server), **overrides)
 
     # ------------------------------------------------------------------ requests
     def validate_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

@@ -53,12 +53,24 @@ _CPU_DEFAULTS = dict(max_num_batched_tokens=128, max_num_seqs=32, max_model_len=
                      token_buckets=(16, 128), seq_buckets=(8, 32))
 
 
-def batch_limits(args: EngineArgs, platform: str) -> tuple[int, int]:
-    """(max_num_seqs, max_num_batched_tokens): the user's where given, else the platform's default
-    (before the KV cache may lower max_num_seqs)."""
+# The OpenAI server keeps at most 256 sequences by default (vLLM too has defaults by usage): its
+# host work per step grows with the requests in flight. With a device step emulated on the 2-core
+# CPU (benchmarks/host_overhead.py, results/2026-11-22-cpu-host-overhead-seqs512.json), 512
+# streamed requests left the device idle 51% of the time (host 47 ms a step against a 23 ms
+# device step; the event loop's SSE chunks alone 26.5 ms) where 256 left it 10-15% (served/offline
+# 0.918 measured on an H100 with 256). Offline (LLM, bench throughput) keeps the platform's 512.
+_SERVER_MAX_NUM_SEQS = 256
+
+
+def batch_limits(args: EngineArgs, platform: str, *, server: bool = False) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens): the user's where given, else the platform's default,
+    at most ``_SERVER_MAX_NUM_SEQS`` sequences for the OpenAI server (before the KV cache may lower
+    max_num_seqs)."""
     defaults = _GPU_DEFAULTS if platform == "gpu" else _CPU_DEFAULTS
-    return (args.max_num_seqs or defaults["max_num_seqs"],
-            args.max_num_batched_tokens or defaults["max_num_batched_tokens"])
+    seqs = defaults["max_num_seqs"]
+    if server:
+        seqs = min(seqs, _SERVER_MAX_NUM_SEQS)
+    return args.max_num_seqs or seqs, args.max_num_batched_tokens or defaults["max_num_batched_tokens"]
 
 
 def enable_compilation_cache(path: str | None) -> None:
@@ -96,7 +108,7 @@ def default_sampling_from_generation_config(gen: dict) -> dict:
     return {k: gen[k] for k in keys if gen.get(k) is not None}
 
 
-def build_engine_parts(args: EngineArgs) -> dict:
+def build_engine_parts(args: EngineArgs, *, server: bool = False) -> dict:
     from model_zoo.loader import load_weights, resolve_model
     from serving.scheduler import Scheduler
     from serving.tokenizer import load_tokenizer
@@ -146,7 +158,7 @@ def build_engine_parts(args: EngineArgs) -> dict:
     logger.info("Weights ready in %.1f s; attention backend: %s", time.perf_counter() - t0, attn_name)
 
     defaults = _GPU_DEFAULTS if platform == "gpu" else _CPU_DEFAULTS
-    max_num_seqs, max_num_batched_tokens = batch_limits(args, platform)
+    max_num_seqs, max_num_batched_tokens = batch_limits(args, platform, server=server)
     mem = devices[0].memory_stats() if platform == "gpu" else None
     kv_plan = plan_kv_cache(
         config, page_size=args.block_size, dtype_bytes=jnp.dtype(dtype).itemsize, platform=platform,
@@ -223,4 +235,5 @@ def run_follower(args: EngineArgs) -> int:
             or jax.process_index() == 0:
         raise ValueError("run_follower is for processes other than 0 of a multi-host job "
                          "(set JAXLLM_COORDINATOR_ADDRESS, JAXLLM_NUM_PROCESSES, JAXLLM_PROCESS_ID)")
-    return follow(build_engine_parts(args)["runner"])
+    # Followers exist only under `jaxllm serve`: the server's limits, so their executables are rank 0's.
+    return follow(build_engine_parts(args, server=True)["runner"])

@@ -113,5 +113,26 @@ def test_batch_limits_take_the_users_values_and_else_the_platforms():
     # A value the user gives is kept, the old EngineArgs default (256) included.
     assert batch_limits(EngineArgs(max_num_seqs=256), "gpu") == (256, 2048)
     assert batch_limits(EngineArgs(max_num_seqs=256, max_num_batched_tokens=4096), "cpu") == (256, 4096)
+    # The OpenAI server's default is at most 256 sequences; a user's value still wins.
+    assert batch_limits(EngineArgs(), "gpu", server=True) == (256, 2048)
+    assert batch_limits(EngineArgs(), "cpu", server=True) == batch_limits(EngineArgs(), "cpu")
+    assert batch_limits(EngineArgs(max_num_seqs=512), "gpu", server=True) == (512, 2048)
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineArgs(max_num_seqs=0)
+
+
+def test_the_server_builds_its_engine_with_the_server_limits(monkeypatch):
+    from serving import engine_builder
+    from serving.async_llm import AsyncLLM
+    from serving.config import EngineArgs
+
+    seen = []
+
+    def fake_build(args, *, server=False):
+        seen.append(server)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(engine_builder, "build_engine_parts", fake_build)
+    with pytest.raises(RuntimeError, match="stop here"):
+        AsyncLLM.from_engine_args(EngineArgs())
+    assert seen == [True]
