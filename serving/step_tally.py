@@ -23,6 +23,12 @@ dispatched it, and idle time, or a caller's pause with a step in flight, is char
 ``wait_seconds``: of a step's charge, the time the engine sat in collecting the step's results,
 i.e. waiting for the device to finish it. Near the whole charge when the device bounds the step,
 near zero when the host does (the device then finished before the host asked).
+
+A dispatch that blocks moves time between shapes: on a GPU the general (mixed) executables' full
+sampler has ``lax.cond``s whose predicates the host waits for (serving.sampler.sample), so
+"dispatch N+1" returns only when step N+1's forward pass is done, and that time is charged to step
+N (a decode step before a mixed one looks as slow as the mixed step). Such a charge is mostly not
+wait: a large charge with a small wait marks it.
 """
 
 from __future__ import annotations
