@@ -273,8 +273,8 @@ def run_batch(llm, batch: int, ctx: int, steps: int, log_root: str, temperature:
 
     # Steps are collected one call after they are launched: one mixed step first, so that every
     # step the timed calls collect (and the profile window holds) is a mixed one.
-    add_mixed_prompt()
     if mixed_prompt:
+        add_mixed_prompt()
         eng.step()
     tally_before = eng.step_tally.copy()
     wall = []

@@ -224,6 +224,7 @@ def main(argv=None) -> list[dict]:
         if args.child:
             print("ROWS " + json.dumps(rows), flush=True)
             return rows
+        add_allreduce_us(rows, args.layers)
     else:
         rows = []
         child_argv = list(argv if argv is not None else sys.argv[1:])
@@ -254,7 +255,6 @@ def main(argv=None) -> list[dict]:
                 print(f"({time.perf_counter() - start:.0f} s)", flush=True)
                 rows += new
                 write_json(args.json, rows)
-    add_allreduce_us(rows, args.layers)
     print_table(rows)
     write_json(args.json, rows)
     return rows

@@ -30,8 +30,9 @@ class BucketLadder:
     # Sequence buckets of the decode-only executables (one token per sequence; the runner's
     # ``decode_buckets``); empty: ``seq_buckets``. Decode-only steps are most steps and compile
     # cheaply (tokens == seqs), so they can have a finer ladder than the mixed steps: on sharegpt-
-    # synthetic most decode steps run 2-63 sequences, padded to 64 by the GPU's (1, 64, 256)
-    # (benchmarks/schedule_bound.py: 765 of 1995 steps, 30% of the predicted time).
+    # synthetic most decode steps run 2-63 sequences, padded to 64 by the former GPU ladder (1, 64,
+    # 256) (benchmarks/schedule_bound.py: 765 of 1995 steps, 30% of the predicted time); the GPU
+    # default is a decode ladder of its own since (serving/engine_builder.py).
     decode_seq_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):

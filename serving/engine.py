@@ -254,9 +254,7 @@ class LLMEngine:
         if on_outputs is not None and outputs:
             on_outputs(outputs)
             outputs = []
-        t = time.perf_counter()
-        result = self.runner.collect(flight)
-        wait = time.perf_counter() - t
+        result, wait = self._collect(flight)
         self._pending_core = self.scheduler.update(plan, result)
         self._record_step_stats(plan, wait)
         if plan.is_empty and self._pending_core:
@@ -284,9 +282,7 @@ class LLMEngine:
             self._refresh_scheduler_stats()
             return []
         prev_plan, prev_flight = previous
-        t = time.perf_counter()
-        result = self.runner.collect(prev_flight)
-        wait = time.perf_counter() - t
+        result, wait = self._collect(prev_flight)
         core = self.scheduler.update(prev_plan, result)
         self._record_step_stats(prev_plan, wait)
         outputs = self._process_outputs(core) if core else []
@@ -295,7 +291,13 @@ class LLMEngine:
             outputs = []
         return outputs
 
-    def _record_step_stats(self, plan, collect_wait: float = 0.0) -> None:
+    def _collect(self, flight):
+        """The runner's result of ``flight`` and the seconds spent waiting for it (the step tally's wait)."""
+        t = time.perf_counter()
+        result = self.runner.collect(flight)
+        return result, time.perf_counter() - t
+
+    def _record_step_stats(self, plan, collect_wait: float) -> None:
         st = self._refresh_scheduler_stats()
         last = self.runner.last_step
         if last is not None and not plan.is_empty:

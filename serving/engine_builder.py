@@ -62,11 +62,15 @@ _CPU_DEFAULTS = dict(max_num_batched_tokens=128, max_num_seqs=32, max_model_len=
 _SERVER_MAX_NUM_SEQS = 256
 
 
+def _platform_defaults(platform: str) -> dict:
+    return _GPU_DEFAULTS if platform == "gpu" else _CPU_DEFAULTS
+
+
 def batch_limits(args: EngineArgs, platform: str, *, server: bool = False) -> tuple[int, int]:
     """(max_num_seqs, max_num_batched_tokens): the user's where given, else the platform's default,
     at most ``_SERVER_MAX_NUM_SEQS`` sequences for the OpenAI server (before the KV cache may lower
     max_num_seqs)."""
-    defaults = _GPU_DEFAULTS if platform == "gpu" else _CPU_DEFAULTS
+    defaults = _platform_defaults(platform)
     seqs = defaults["max_num_seqs"]
     if server:
         seqs = min(seqs, _SERVER_MAX_NUM_SEQS)
@@ -157,7 +161,7 @@ def build_engine_parts(args: EngineArgs, *, server: bool = False) -> dict:
         model.layer_stack = unrolled_layers       # 2x faster decode than the scan on H100 (see there)
     logger.info("Weights ready in %.1f s; attention backend: %s", time.perf_counter() - t0, attn_name)
 
-    defaults = _GPU_DEFAULTS if platform == "gpu" else _CPU_DEFAULTS
+    defaults = _platform_defaults(platform)
     max_num_seqs, max_num_batched_tokens = batch_limits(args, platform, server=server)
     mem = devices[0].memory_stats() if platform == "gpu" else None
     kv_plan = plan_kv_cache(

@@ -73,12 +73,12 @@ def format_step_breakdown(res: dict) -> str:
     for r in res["steps_by_bucket"]:
         lines.append(f"  {r['tokens']:>6} {r['seqs']:>5} {r['pages']:>5}  {r['kind']:<12} {r['steps']:>6} "
                      f"{r['real_tokens']:>9} {r['real_seqs']:>9} {r['seconds']:>8.2f} {r['mean_step_ms']:>8.2f} "
-                     f"{r.get('mean_wait_ms', float('nan')):>8.2f} {100 * r['share_of_time']:>5.1f}%")
+                     f"{r['mean_wait_ms']:>8.2f} {100 * r['share_of_time']:>5.1f}%")
     if res["decode_batch_sizes"]:
         lines += ["Decode steps (one token per sequence) by batch size:",
                   f"  {'seqs':<8} {'steps':>6} {'mean seqs':>9} {'seconds':>8} {'ms/step':>8} {'wait ms':>8} {'share':>6}"]
         for r in res["decode_batch_sizes"]:
             lines.append(f"  {r['seqs']:<8} {r['steps']:>6} {r['mean_seqs']:>9.1f} {r['seconds']:>8.2f} "
-                         f"{r['mean_step_ms']:>8.2f} {r.get('mean_wait_ms', float('nan')):>8.2f} "
+                         f"{r['mean_step_ms']:>8.2f} {r['mean_wait_ms']:>8.2f} "
                          f"{100 * r['share_of_time']:>5.1f}%")
     return "\n".join(lines)
